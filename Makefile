@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` (run the main job on the embedded local stack)
+# and `make test`. Each sets up what it needs; running either twice reuses the install.
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DATA    ?= ../shared/data/fashion
+LIMIT   ?= 1000
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo up test lint clean
+
+setup: $(STAMP) /usr/bin/redis-server
+
+# uv resolves and installs the ~3 GB of torch wheels in seconds from its cache on a re-run
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	touch $(STAMP)
+
+/usr/bin/redis-server:
+	command -v redis-server >/dev/null || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server)
+
+demo: setup
+	$(VENV)/bin/vitrine demo --data $(DATA) --limit $(LIMIT)
+
+up: setup
+	VITRINE_IMAGE_FILE_ROOT=$(abspath $(DATA)) $(VENV)/bin/vitrine up
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache

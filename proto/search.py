@@ -1,0 +1,89 @@
+"""Router -> shard search RPC: msgpack over HTTP POST /search.
+
+The deadline travels as a relative budget (like gRPC's timeout header) so clock skew between
+hosts cannot make a shard drop or keep work it should not.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from proto.codec import check_schema_version, pack, unpack, validated
+
+SEARCH_SCHEMA_VERSION = 1
+MAX_K = 1000
+MAX_BATCH = 256
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SEARCH_SCHEMA_VERSION
+    queries: bytes = Field(description="float32 row-major (nq, dim)")
+    nq: int = Field(ge=1, le=MAX_BATCH)
+    dim: int = Field(ge=1, le=65536)
+    k: int = Field(ge=1, le=MAX_K)
+    budget_ms: float = Field(gt=0, description="Time left for this shard to answer")
+    request_id: str = ""
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchRequest:
+        if len(self.queries) != self.nq * self.dim * 4:
+            raise ValueError(f"queries hold {len(self.queries)} bytes, not nq*dim float32")
+        return self
+
+    @classmethod
+    def build(
+        cls, queries: np.ndarray, k: int, budget_ms: float, request_id: str = ""
+    ) -> SearchRequest:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2:
+            raise ValueError("queries must be a 2-d array (nq, dim)")
+        return cls(
+            queries=q.tobytes(), nq=q.shape[0], dim=q.shape[1], k=k,
+            budget_ms=budget_ms, request_id=request_id,
+        )
+
+    def query_matrix(self) -> np.ndarray:
+        return np.frombuffer(self.queries, dtype=np.float32).reshape(self.nq, self.dim)
+
+    def to_wire(self) -> bytes:
+        return pack(self.model_dump())
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> SearchRequest:
+        payload = unpack(data)
+        check_schema_version(payload, SEARCH_SCHEMA_VERSION, "SearchRequest")
+        return validated(cls, payload)
+
+
+class SearchResponse(BaseModel):
+    """Per query, the shard's best ids and scores (best first) and how much it searched."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SEARCH_SCHEMA_VERSION
+    shard_id: int = Field(ge=0)
+    ids: list[list[str]]
+    scores: list[list[float]]
+    searched: int = Field(ge=0, description="Vectors this shard searched")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> SearchResponse:
+        if len(self.ids) != len(self.scores) or any(
+            len(i) != len(s) for i, s in zip(self.ids, self.scores, strict=True)
+        ):
+            raise ValueError("ids and scores must have the same shape")
+        return self
+
+    def to_wire(self) -> bytes:
+        return pack(self.model_dump())
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> SearchResponse:
+        payload = unpack(data)
+        check_schema_version(payload, SEARCH_SCHEMA_VERSION, "SearchResponse")
+        return validated(cls, payload)

@@ -1,0 +1,91 @@
+"""Encoder service: the Kafka loop as a background task of an aiohttp app that serves
+/healthz, /readyz and /metrics, so it has the same lifecycle as every other role."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from confluent_kafka import Consumer, Producer
+from vitrine.model import DualEncoder, load_dual_encoder
+
+from services.encoder.fetch import ImageFetcher, make_session
+from services.encoder.metrics import EncoderMetrics
+from services.encoder.pipeline import EventTransform
+from services.encoder.settings import EncoderSettings
+from services.encoder.worker import EncoderWorker
+from vitrine.kafka import AsyncConsumer, consumer_config, producer_config
+from vitrine.metadata import MetadataStore
+from vitrine.service import READINESS, REGISTRY, background, base_app
+
+log = structlog.get_logger()
+
+SETTINGS = web.AppKey("settings", EncoderSettings)
+MODEL = web.AppKey("model", DualEncoder)
+METADATA = web.AppKey("metadata", MetadataStore)
+FETCHER = web.AppKey("fetcher", ImageFetcher)
+WORKER = web.AppKey("worker", EncoderWorker)
+
+
+async def create_app(settings: EncoderSettings) -> web.Application:
+    app = base_app("encoder")
+    app[SETTINGS] = settings
+    app.cleanup_ctx.extend([_model, _redis, _http, _worker])
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Events handled since start, by outcome: for `vitrine` commands and operators."""
+    worker = request.app[WORKER]
+    return web.json_response({"model_id": request.app[MODEL].model_id, "events": worker.totals})
+
+
+async def _model(app: web.Application) -> AsyncIterator[None]:
+    app[MODEL] = await asyncio.to_thread(load_dual_encoder, app[SETTINGS].model_spec())
+    log.info("model loaded", model_id=app[MODEL].model_id, dim=app[MODEL].dim)
+    yield
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    client = aioredis.from_url(app[SETTINGS].redis_url)
+    app[METADATA] = MetadataStore(client)
+    yield
+    await client.aclose()
+
+
+async def _http(app: web.Application) -> AsyncIterator[None]:
+    policy = app[SETTINGS].fetch_policy()
+    session = make_session(policy)
+    app[FETCHER] = ImageFetcher(policy, session)
+    yield
+    await session.close()
+
+
+async def _worker(app: web.Application) -> AsyncIterator[None]:
+    settings, model = app[SETTINGS], app[MODEL]
+    consumer = AsyncConsumer(
+        Consumer(consumer_config(settings.kafka_bootstrap, settings.group_id))
+    )
+    producer = Producer(producer_config(settings.kafka_bootstrap))
+    transform = EventTransform(
+        fetch=app[FETCHER].fetch,
+        encode_images=model.encode_images,
+        model_id=model.model_id,
+        max_pixels=settings.max_image_pixels,
+        fetch_concurrency=settings.fetch_concurrency,
+        vector_dtype=settings.vector_dtype,
+    )
+    worker = EncoderWorker(
+        settings, consumer, producer, transform, app[METADATA], EncoderMetrics(app[REGISTRY])
+    )
+    app[WORKER] = worker
+    async with background(app, worker.run(), "encoder-loop"):
+        app[READINESS].set_ready()
+        yield
+        app[READINESS].set_not_ready("stopping")
+    await asyncio.to_thread(producer.flush, 10.0)
+    await consumer.close()

@@ -1,0 +1,126 @@
+"""Router service: the storefront's search API. Encode, fan out, merge, hydrate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import numpy as np
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from vitrine.model import DualEncoder, load_dual_encoder
+
+from proto.search import SearchRequest
+from services.router.fanout import fan_out
+from services.router.merge import merge_topk
+from services.router.metrics import RouterMetrics
+from services.router.query import Query, query_from_body, query_from_params
+from services.router.settings import RouterSettings
+from vitrine.metadata import MetadataStore
+from vitrine.service import READINESS, REGISTRY, REQUEST_ID_HEADER, base_app
+
+log = structlog.get_logger()
+
+SETTINGS = web.AppKey("settings", RouterSettings)
+MODEL = web.AppKey("model", DualEncoder)
+METADATA = web.AppKey("metadata", MetadataStore)
+SHARDS = web.AppKey("shards", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", RouterMetrics)
+
+
+async def create_app(settings: RouterSettings) -> web.Application:
+    app = base_app("router")
+    app[SETTINGS] = settings
+    app[METRICS] = RouterMetrics(app[REGISTRY])
+    app.cleanup_ctx.extend([_model, _redis, _shard_session])
+    app.router.add_get("/search", search_get)
+    app.router.add_post("/search", search_post)
+    return app
+
+
+async def search_get(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    query = query_from_params(request.query, request.app[SETTINGS])
+    return web.json_response(await answer(request, query, started))
+
+
+async def search_post(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    query = await query_from_body(request, request.app[SETTINGS])
+    return web.json_response(await answer(request, query, started))
+
+
+async def answer(request: web.Request, query: Query, started: float) -> dict[str, Any]:
+    app = request.app
+    settings, metrics = app[SETTINGS], app[METRICS]
+    deadline = started + settings.deadline_ms / 1000
+    with metrics.stage_seconds.labels("encode").time():
+        vector = await _encode(app[MODEL], query)
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
+    budget_ms = max(1.0, (deadline - time.monotonic()) * 1000)
+    shard_query = SearchRequest.build(vector, query.k, budget_ms, request_id)
+    with metrics.stage_seconds.labels("fanout").time():
+        fanned = await fan_out(app[SHARDS], settings.shard_urls, shard_query, deadline)
+    with metrics.stage_seconds.labels("merge").time():
+        hits = merge_topk(fanned.responses, query.k)
+    with metrics.stage_seconds.labels("hydrate").time():
+        found = await app[METADATA].get_many([hit.product_id for hit in hits])
+    for shard in fanned.missing:
+        metrics.shard_failures.labels(str(shard)).inc()
+    partial = bool(fanned.missing)
+    metrics.queries.labels("text" if query.text else "image", str(not partial).lower()).inc()
+    return {
+        "results": [
+            {
+                "product_id": hit.product_id,
+                "score": round(hit.score, 6),
+                "title": found[hit.product_id].title,
+                "image_uri": found[hit.product_id].image_uri,
+            }
+            for hit in hits
+            if hit.product_id in found  # deleted since the shard last heard: drop it
+        ],
+        "partial": partial,
+        "missing_shards": sorted(fanned.missing),
+        "coverage": {
+            "shards_answered": len(fanned.responses),
+            "shards_total": len(settings.shard_urls),
+            "vectors_searched": sum(r.searched for r in fanned.responses),
+        },
+        "took_ms": round((time.monotonic() - started) * 1000, 3),
+    }
+
+
+async def _encode(model: DualEncoder, query: Query) -> np.ndarray:
+    if query.text is not None:
+        return await asyncio.to_thread(model.encode_texts, [query.text])
+    assert query.image is not None
+    return await asyncio.to_thread(model.encode_images, [query.image])
+
+
+async def _model(app: web.Application) -> AsyncIterator[None]:
+    model = await asyncio.to_thread(load_dual_encoder, app[SETTINGS].model_spec())
+    await asyncio.to_thread(model.encode_texts, ["warm up"])  # first call pays one-off costs
+    app[MODEL] = model
+    app[READINESS].set_ready()
+    log.info("model loaded", model_id=model.model_id)
+    yield
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    client = aioredis.from_url(app[SETTINGS].redis_url)
+    app[METADATA] = MetadataStore(client)
+    yield
+    await client.aclose()
+
+
+async def _shard_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        app[SHARDS] = session
+        yield

@@ -1,0 +1,86 @@
+"""The storefront's query, validated: a clear 400 for anything we will not run."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from services.router.settings import RouterSettings
+from vitrine.errors import ImageRejected, InvalidQuery
+from vitrine.images import decode_image
+
+
+@dataclass(frozen=True)
+class Query:
+    k: int
+    text: str | None = None
+    image: Image.Image | None = None
+
+
+def query_from_params(params: Any, settings: RouterSettings) -> Query:
+    """GET /search?q=<text>&k=<n>"""
+    return Query(k=_k(params.get("k"), settings), text=_text(params.get("q"), settings))
+
+
+async def query_from_body(request: web.Request, settings: RouterSettings) -> Query:
+    """POST /search with {"text": ..., "k": n} or {"image_b64": ..., "k": n}"""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidQuery(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidQuery("body must be a JSON object")
+    unknown = set(body) - {"text", "image_b64", "k"}
+    if unknown:
+        raise InvalidQuery(f"unknown fields: {sorted(unknown)}")
+    if ("text" in body) == ("image_b64" in body):
+        raise InvalidQuery('give exactly one of "text" or "image_b64"')
+    k = _k(body.get("k"), settings)
+    if "text" in body:
+        return Query(k=k, text=_text(body["text"], settings))
+    return Query(k=k, image=_image(body["image_b64"], settings))
+
+
+def _k(raw: Any, settings: RouterSettings) -> int:
+    if raw is None:
+        return settings.default_k
+    if isinstance(raw, bool):
+        raise InvalidQuery("k must be an integer")
+    try:
+        k = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidQuery(f"k must be an integer, got {raw!r}") from exc
+    if isinstance(raw, float) and raw != k:
+        raise InvalidQuery(f"k must be an integer, got {raw!r}")
+    if not 1 <= k <= settings.max_k:
+        raise InvalidQuery(f"k must be between 1 and {settings.max_k}, got {k}")
+    return k
+
+
+def _text(raw: Any, settings: RouterSettings) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise InvalidQuery("query text must be a non-empty string")
+    text = " ".join(raw.split())
+    if len(text) > settings.max_query_chars:
+        raise InvalidQuery(f"query text is longer than {settings.max_query_chars} characters")
+    return text
+
+
+def _image(raw: Any, settings: RouterSettings) -> Image.Image:
+    if not isinstance(raw, str) or not raw:
+        raise InvalidQuery("image_b64 must be a non-empty base64 string")
+    if len(raw) > settings.max_image_bytes * 4 // 3 + 4:
+        raise InvalidQuery(f"image is larger than {settings.max_image_bytes} bytes")
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidQuery(f"image_b64 is not valid base64: {exc}") from exc
+    try:
+        return decode_image(data, settings.max_image_pixels)
+    except ImageRejected as exc:
+        raise InvalidQuery(f"image_b64 is not an acceptable image: {exc}") from exc

@@ -1,0 +1,89 @@
+"""Shard service: one FAISS partition of the vectors, fed by the log, searched over HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from confluent_kafka import Consumer
+
+from proto.search import SearchRequest, SearchResponse
+from services.shard.metrics import ShardMetrics
+from services.shard.replicator import VectorReplicator
+from services.shard.settings import ShardSettings
+from services.shard.store import ShardStore
+from vitrine.kafka import AsyncConsumer, consumer_config
+from vitrine.service import READINESS, REGISTRY, background, base_app
+
+log = structlog.get_logger()
+
+SETTINGS = web.AppKey("settings", ShardSettings)
+STORE = web.AppKey("store", ShardStore)
+METRICS = web.AppKey("metrics", ShardMetrics)
+REPLICATOR = web.AppKey("replicator", VectorReplicator)
+
+MSGPACK = "application/msgpack"
+
+
+async def create_app(settings: ShardSettings) -> web.Application:
+    app = base_app("shard")
+    app[SETTINGS] = settings
+    app[STORE] = ShardStore(use_gpu=settings.use_gpu)
+    app[METRICS] = ShardMetrics(app[REGISTRY], settings.shard_id)
+    app.cleanup_ctx.append(_replicator)
+    app.router.add_post("/search", search)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def stats(request: web.Request) -> web.Response:
+    app = request.app
+    replicator = app[REPLICATOR]
+    return web.json_response({
+        "shard_id": app[SETTINGS].shard_id,
+        "num_shards": app[SETTINGS].num_shards,
+        "vectors": len(app[STORE]),
+        "ready": app[READINESS].ready,
+        "partitions": replicator.partitions,
+        "next_offsets": replicator.next_offsets,
+    })
+
+
+async def search(request: web.Request) -> web.Response:
+    arrived = time.perf_counter()
+    body = await request.read()
+    query = SearchRequest.from_wire(body)
+    app = request.app
+    if not app[READINESS].ready:
+        raise web.HTTPServiceUnavailable(text=f"shard not ready: {app[READINESS].reason}")
+    with app[METRICS].search_seconds.time():
+        scores, ids = app[STORE].search(query.query_matrix(), query.k)
+    if (time.perf_counter() - arrived) * 1000 > query.budget_ms:
+        app[METRICS].expired.inc()
+        raise web.HTTPGatewayTimeout(text="deadline passed before the answer was ready")
+    answer = SearchResponse(
+        shard_id=app[SETTINGS].shard_id,
+        ids=ids,
+        scores=scores.tolist(),
+        searched=len(app[STORE]),
+    )
+    return web.Response(body=answer.to_wire(), content_type=MSGPACK)
+
+
+async def _replicator(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    config = consumer_config(
+        settings.kafka_bootstrap,
+        f"vitrine-shard-{settings.shard_id}",
+        **{"enable.partition.eof": True},
+    )
+    consumer = AsyncConsumer(Consumer(config))
+    replicator = VectorReplicator(
+        settings, consumer, app[STORE], app[READINESS], app[METRICS]
+    )
+    app[REPLICATOR] = replicator
+    async with background(app, replicator.run(), "replicator"):
+        yield
+    await consumer.close()

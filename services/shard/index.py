@@ -1,0 +1,86 @@
+"""Exact inner-product index over a dense matrix this class owns.
+
+Owning the storage makes upsert and delete O(1) (swap-remove), which no FAISS GPU index offers,
+while the scan itself is FAISS's brute-force kNN: `faiss.knn` on CPU, `faiss.knn_gpu` when the
+installed FAISS sees a GPU. Covered by tests/shard/test_index.py.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from vitrine.errors import InvalidMessage
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+class ExactIndex:
+    def __init__(self, dim: int, use_gpu: bool | None = None, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.use_gpu = gpu_available() if use_gpu is None else use_gpu
+        self._vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self._ids: list[str] = []
+        self._slots: dict[str, int] = {}
+        self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, product_id: str) -> bool:
+        return product_id in self._slots
+
+    def upsert(self, product_id: str, vector: np.ndarray) -> None:
+        if vector.shape != (self.dim,):
+            raise InvalidMessage(f"vector of shape {vector.shape}, index dim is {self.dim}")
+        slot = self._slots.get(product_id)
+        if slot is None:
+            slot = len(self._ids)
+            self._grow_to(slot + 1)
+            self._ids.append(product_id)
+            self._slots[product_id] = slot
+        self._vectors[slot] = vector
+
+    def remove(self, product_id: str) -> bool:
+        slot = self._slots.pop(product_id, None)
+        if slot is None:
+            return False
+        last = len(self._ids) - 1
+        if slot != last:
+            moved = self._ids[last]
+            self._vectors[slot] = self._vectors[last]
+            self._ids[slot] = moved
+            self._slots[moved] = slot
+        self._ids.pop()
+        return True
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """(scores (nq, k'), ids): best first, k' = min(k, len(self))."""
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InvalidMessage(f"queries of shape {queries.shape}, index dim is {self.dim}")
+        n = len(self._ids)
+        if n == 0:
+            return np.zeros((queries.shape[0], 0), dtype=np.float32), [[] for _ in queries]
+        k = min(k, n)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        base = self._vectors[:n]
+        if self._gpu_resources is not None:
+            scores, rows = faiss.knn_gpu(
+                self._gpu_resources, queries, base, k, metric=faiss.METRIC_INNER_PRODUCT
+            )
+        else:
+            scores, rows = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        ids = [[self._ids[r] for r in row if r >= 0] for row in rows]
+        return scores, ids
+
+    def nbytes(self) -> int:
+        return self._vectors.nbytes
+
+    def _grow_to(self, size: int) -> None:
+        if size <= len(self._vectors):
+            return
+        grown = np.zeros((max(size, 2 * len(self._vectors)), self.dim), dtype=np.float32)
+        grown[: len(self._vectors)] = self._vectors
+        self._vectors = grown

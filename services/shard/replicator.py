@@ -1,0 +1,77 @@
+"""Keeps a shard's store in step with the partitions of catalog.vectors it owns.
+
+Explicit assignment, not a consumer group: ownership is p % S == s, fixed by settings, so a
+shard never waits on a rebalance. "Caught up" is the first end-of-partition event on every
+owned partition (watermarks are unreliable on some brokers; EOF events are not).
+"""
+
+from __future__ import annotations
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+
+from proto.vectors import VectorRecord
+from services.shard.metrics import ShardMetrics
+from services.shard.settings import ShardSettings
+from services.shard.store import ShardStore
+from vitrine.errors import InvalidMessage
+from vitrine.kafka import AsyncConsumer, owned_partitions
+from vitrine.service import Readiness
+
+log = structlog.get_logger()
+
+
+class VectorReplicator:
+    def __init__(
+        self,
+        settings: ShardSettings,
+        consumer: AsyncConsumer,
+        store: ShardStore,
+        readiness: Readiness,
+        metrics: ShardMetrics,
+    ) -> None:
+        self._s = settings
+        self._consumer = consumer
+        self._store = store
+        self._readiness = readiness
+        self._metrics = metrics
+        self.partitions = owned_partitions(
+            settings.shard_id, settings.num_shards, settings.vector_partitions
+        )
+        self.next_offsets: dict[int, int] = {}
+
+    async def run(self) -> None:
+        kafka = self._consumer.consumer
+        assignment = [
+            TopicPartition(self._s.vectors_topic, p, OFFSET_BEGINNING) for p in self.partitions
+        ]
+        await self._consumer.call(kafka.assign, assignment)
+        self._readiness.set_not_ready(f"catching up on partitions {self.partitions}")
+        not_caught_up = set(self.partitions)
+        while True:
+            messages = await self._consumer.call(kafka.consume, self._s.consume_batch, 0.1)
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    self._apply(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    not_caught_up.discard(message.partition())
+                else:
+                    log.warning("consumer error", error=str(error))
+            if not not_caught_up and not self._readiness.ready:
+                log.info("caught up", vectors=len(self._store), partitions=self.partitions)
+                self._readiness.set_ready()
+            self._metrics.vectors.set(len(self._store))
+
+    def _apply(self, message: Message) -> None:
+        self.next_offsets[message.partition()] = message.offset() + 1
+        try:
+            record = VectorRecord.from_wire(message.value() or b"")
+            outcome = "applied" if self._store.apply(record) else "stale"
+        except InvalidMessage as exc:
+            outcome = "rejected"
+            log.warning(
+                "rejected vector record", reason=str(exc),
+                partition=message.partition(), offset=message.offset(),
+            )
+        self._metrics.records.labels(outcome).inc()

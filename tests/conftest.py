@@ -1,0 +1,54 @@
+"""Fixtures that start the real parts on loopback: one local stack (Tansu, Redis, 2 shards,
+the encoder, the router) shared by every test that can share it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vitrine.stack import LocalStack, StackSettings
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion"
+
+
+@pytest.fixture(scope="session")
+def fashion_data() -> Path:
+    if not (DATA / "products.csv").exists():
+        pytest.fail(f"fashion dataset not found at {DATA} (../shared beside the checkout)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The encoder's allowed file:// root; tests put the images they publish here."""
+    return tmp_path_factory.mktemp("images")
+
+
+def stage_image(fashion_data: Path, image_root: Path, product_id: str) -> Path:
+    target = image_root / f"{product_id}.jpg"
+    shutil.copyfile(fashion_data / "images" / f"{product_id}.jpg", target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> Iterator[LocalStack]:
+    settings = StackSettings(
+        num_shards=2,
+        router_port=0,
+        # the suite shares 2 cores with model loads and encoding: a roomy deadline keeps
+        # correctness tests about correctness; the partial test stops a shard outright
+        deadline_ms=3000,
+        state_dir=tmp_path_factory.mktemp("state"),
+        image_file_root=image_root,
+        kafka_bootstrap=None,
+        redis_url=None,
+        log_json=True,
+        service_env={"VITRINE_MAX_IMAGE_BYTES": "524288", "VITRINE_MAX_IMAGE_PIXELS": "10000000"},
+    )
+    local = LocalStack(settings)
+    local.start()
+    yield local
+    local.stop()

@@ -1,0 +1,92 @@
+"""Small clients the end-to-end tests use to talk to the running stack."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer
+
+from proto.dlq import DeadLetter
+from vitrine.kafka import consumer_config
+
+T = TypeVar("T")
+
+
+def http_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"} if data else {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def search_text(router: str, text: str, k: int = 10) -> dict[str, Any]:
+    status, answer = http_json(f"{router}/search?{urllib.parse.urlencode({'q': text, 'k': k})}")
+    assert status == 200, answer
+    return answer
+
+
+def search_image(router: str, image: Path, k: int = 10) -> dict[str, Any]:
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    status, answer = http_json(f"{router}/search", {"image_b64": encoded, "k": k})
+    assert status == 200, answer
+    return answer
+
+
+def ids_of(answer: dict[str, Any]) -> list[str]:
+    return [hit["product_id"] for hit in answer["results"]]
+
+
+def eventually(check: Callable[[], T | None], timeout_s: float = 120, what: str = "") -> T:
+    """Poll until `check` returns something truthy; fail with `what` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def shard_vectors(shard_urls: list[str]) -> int:
+    total = 0
+    for url in shard_urls:
+        with urllib.request.urlopen(f"{url}/stats", timeout=10) as response:
+            total += json.loads(response.read())["vectors"]
+    return total
+
+
+class DeadLetterReader:
+    """Reads catalog.events.dlq from the start, indexing dead letters by message key."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        config = consumer_config(bootstrap, f"test-dlq-{time.monotonic_ns()}")
+        self._consumer = Consumer(config)
+        self._consumer.subscribe([topic])
+        self.by_key: dict[bytes | None, DeadLetter] = {}
+
+    def wait_for(self, keys: set[bytes], timeout_s: float = 120) -> dict[bytes, DeadLetter]:
+        deadline = time.monotonic() + timeout_s
+        while not keys <= self.by_key.keys() and time.monotonic() < deadline:
+            for message in self._consumer.consume(100, 0.5):
+                if message.error() is None:
+                    letter = DeadLetter.from_wire(message.value())
+                    self.by_key[letter.key] = letter
+        missing = keys - self.by_key.keys()
+        assert not missing, f"no dead letter for {sorted(missing)}"
+        return {key: self.by_key[key] for key in keys}
+
+    def close(self) -> None:
+        self._consumer.close()

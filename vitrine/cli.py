@@ -1,0 +1,169 @@
+"""`vitrine`: run the local stack, publish a catalog, query the router, print the contract."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from proto.catalog import catalog_event_json_schema
+from vitrine.errors import VitrineError
+from vitrine.ingest import EventPublisher, count_rows, events_from_csv, publish_all
+from vitrine.service import configure_logging
+from vitrine.stack import LocalStack, StackSettings, read_run_file
+
+DEFAULT_DATA = Path("../shared/data/fashion")
+
+app = typer.Typer(help="Vitrine: streaming multimodal product search.", no_args_is_help=True)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of CatalogEvent, for publishers in other languages."""
+    typer.echo(json.dumps(catalog_event_json_schema(), indent=2))
+
+
+@app.command()
+def up(
+    shards: Annotated[int | None, typer.Option(help="number of shards")] = None,
+    port: Annotated[int | None, typer.Option(help="router port")] = None,
+    file_root: Annotated[Path | None, typer.Option(help="allow file:// images below")] = None,
+) -> None:
+    """Start the local stack (Tansu, Redis, shards, encoder, router) until Ctrl-C."""
+    stack = LocalStack(_stack_settings(shards, port, file_root))
+    stack.start()
+    typer.echo(f"Vitrine is up: {stack.router_url}/search?q=red+shoes  (Ctrl-C to stop)")
+    typer.echo(f"broker {stack.kafka_bootstrap}  redis {stack.redis_url}  logs {stack.log_dir}")
+    _wait_for_signal()
+    typer.echo("stopping...")
+    stack.stop()
+
+
+@app.command()
+def ingest(
+    csv_path: Annotated[Path, typer.Argument(help="products.csv", exists=True, dir_okay=False)],
+    images: Annotated[Path, typer.Option(help="directory of <id>.jpg", exists=True)],
+    limit: Annotated[int | None, typer.Option(help="publish at most N products")] = None,
+) -> None:
+    """Publish a catalog CSV as CatalogEvents to the running stack."""
+    settings = StackSettings()
+    endpoints = _endpoints(settings)
+    total = min(count_rows(csv_path), limit) if limit is not None else count_rows(csv_path)
+    publisher = EventPublisher(
+        endpoints["kafka_bootstrap"], settings.events_topic, settings.event_partitions
+    )
+    published = publish_all(publisher, events_from_csv(csv_path, images, limit), total)
+    typer.echo(f"published {published} events to {settings.events_topic}")
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="what the shopper types")],
+    k: Annotated[int, typer.Option("-k", help="results")] = 10,
+    router: Annotated[str | None, typer.Option(help="router URL")] = None,
+) -> None:
+    """Query the router and print the answer."""
+    url = router or _endpoints(StackSettings())["router_url"]
+    answer = query_router(url, text, k)
+    _print_answer(answer)
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="fashion dataset dir")] = DEFAULT_DATA,
+    limit: Annotated[int, typer.Option(help="products to ingest")] = 1000,
+    shards: Annotated[int, typer.Option(help="number of shards")] = 2,
+) -> None:
+    """Bring the stack up, ingest a catalog, wait until it is searchable, query it, stop."""
+    data = data.resolve()
+    settings = _stack_settings(shards, 0, data)
+    stack = LocalStack(settings)
+    stack.start()
+    try:
+        typer.echo(f"stack up: router {stack.router_url}")
+        publisher = EventPublisher(
+            stack.kafka_bootstrap, settings.events_topic, settings.event_partitions
+        )
+        total = min(limit, count_rows(data / "products.csv"))
+        events = events_from_csv(data / "products.csv", data / "images", limit)
+        published = publish_all(publisher, events, total)
+        typer.echo(f"published {published} events; waiting until searchable...")
+        indexed = wait_until_indexed(stack, published)
+        typer.echo(f"{indexed} products searchable")
+        for text in ("red dress", "men black leather shoes", "blue denim jeans"):
+            typer.echo(f"\n$ vitrine search {text!r}")
+            _print_answer(query_router(stack.router_url, text, 5))
+    finally:
+        stack.stop()
+
+
+def wait_until_indexed(stack: LocalStack, published: int, timeout_s: float = 600) -> int:
+    """Until the encoder has handled every event and the shards hold what it indexed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = _get_json(f"{stack.encoder_url}/stats")["events"]
+        handled = sum(events.values())
+        held = sum(_get_json(f"{url}/stats")["vectors"] for url in stack.shard_urls)
+        if handled >= published and held >= events.get("indexed", 0) - events.get("deleted", 0):
+            return held
+        time.sleep(0.5)
+    raise VitrineError(f"catalog not searchable after {timeout_s}s")
+
+
+def query_router(router_url: str, text: str, k: int) -> dict[str, Any]:
+    params = urllib.parse.urlencode({"q": text, "k": k})
+    return _get_json(f"{router_url}/search?{params}")
+
+
+def _print_answer(answer: dict[str, Any]) -> None:
+    for rank, hit in enumerate(answer["results"], 1):
+        typer.echo(f"{rank:>3}. {hit['score']:.3f}  {hit['product_id']:>8}  {hit['title']}")
+    flag = f" PARTIAL, missing shards {answer['missing_shards']}" if answer["partial"] else ""
+    typer.echo(f"     {len(answer['results'])} results in {answer['took_ms']:.1f} ms{flag}")
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def _stack_settings(shards: int | None, port: int | None, file_root: Path | None) -> StackSettings:
+    overrides: dict[str, Any] = {}
+    if shards is not None:
+        overrides["num_shards"] = shards
+    if port is not None:
+        overrides["router_port"] = port
+    if file_root is not None:
+        overrides["image_file_root"] = file_root.resolve()
+    settings = StackSettings(**overrides)
+    configure_logging("vitrine", settings.log_level, json=False)
+    return settings
+
+
+def _endpoints(settings: StackSettings) -> dict[str, Any]:
+    """Explicit settings win; otherwise the run file that `vitrine up` wrote."""
+    found = read_run_file(settings.state_dir) or {}
+    endpoints = {
+        "kafka_bootstrap": settings.kafka_bootstrap or found.get("kafka_bootstrap"),
+        "router_url": found.get("router_url") or f"http://127.0.0.1:{settings.router_port}",
+    }
+    if not endpoints["kafka_bootstrap"]:
+        raise typer.BadParameter(
+            "no running stack found: start `vitrine up` or set VITRINE_KAFKA_BOOTSTRAP"
+        )
+    return endpoints
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        stop.wait(1.0)

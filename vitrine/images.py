@@ -1,0 +1,46 @@
+"""Decoding untrusted image bytes safely; the encoder and the router's search-by-image share it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from vitrine.errors import ImageRejected
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"})
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to RGB, refusing non-images and decompression bombs before any pixel is decoded.
+
+    `Image.open` reads only the header, so the pixel count is checked before `load()`
+    allocates anything.
+    """
+    if not data:
+        raise ImageRejected("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageRejected(f"image has no pixels ({width}x{height})")
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"decompression bomb: {width}x{height} = {width * height} pixels "
+                    f"exceeds the limit of {max_pixels}"
+                )
+            if image.format not in ACCEPTED_FORMATS:
+                raise ImageRejected(f"unsupported image format {image.format}")
+            image.seek(0)  # first frame of an animation
+            return image.convert("RGB")
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("not an image (unrecognised format)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"decompression bomb: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(f"corrupt image: {exc}") from exc

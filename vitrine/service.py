@@ -1,0 +1,167 @@
+"""The lifecycle every Vitrine service shares: health, readiness, metrics, errors, logging.
+
+Each service's `create_app` starts from `base_app` and adds its own routes and cleanup
+contexts, so probes and error mapping behave the same on every role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+
+from vitrine.errors import VitrineError
+
+log = structlog.get_logger()
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+@dataclass
+class Readiness:
+    """Ready: safe to receive traffic (a shard has caught up, models are loaded).
+    Alive: false once a background loop has died, so the orchestrator restarts the process."""
+
+    ready: bool = False
+    reason: str = "starting"
+    alive: bool = True
+
+    def set_ready(self) -> None:
+        self.ready, self.reason = True, "ready"
+
+    def set_not_ready(self, reason: str) -> None:
+        self.ready, self.reason = False, reason
+
+    def set_failed(self, reason: str) -> None:
+        self.alive = False
+        self.set_not_ready(reason)
+
+
+READINESS = web.AppKey("readiness", Readiness)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+REQUEST_SECONDS = web.AppKey("request_seconds", Histogram)
+SERVICE_NAME = web.AppKey("service_name", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def configure_logging(service: str, level: str = "INFO", json: bool = True) -> None:
+    """Structured logs on stderr: one JSON object per line, tagged with the service name."""
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
+    renderer = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def base_app(service: str) -> web.Application:
+    """An app with /healthz, /readyz, /metrics and the VitrineError -> HTTP mapping."""
+    app = web.Application(middlewares=[_errors_and_timing], client_max_size=16 * 1024**2)
+    registry = CollectorRegistry()
+    app[REGISTRY] = registry
+    app[READINESS] = Readiness()
+    app[REQUEST_SECONDS] = Histogram(
+        "vitrine_http_request_duration_seconds",
+        "HTTP request latency by route and status",
+        ["service", "route", "status"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1, 2.5),
+    )
+    app[SERVICE_NAME] = service
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    readiness = request.app[READINESS]
+    if not readiness.alive:
+        return web.json_response({"status": "failed", "reason": readiness.reason}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    readiness = request.app[READINESS]
+    status = 200 if readiness.ready else 503
+    return web.json_response({"ready": readiness.ready, "reason": readiness.reason}, status=status)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def _errors_and_timing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except VitrineError as exc:
+        status = exc.http_status
+        return web.json_response({"error": str(exc)}, status=status)
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[REQUEST_SECONDS].labels(
+            request.app[SERVICE_NAME], name, str(status)
+        ).observe(time.perf_counter() - started)
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def run_service(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM; aiohttp then unwinds the cleanup contexts in reverse."""
+    log.info("listening", host=host, port=port)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
+
+
+@contextlib.asynccontextmanager
+async def background(
+    app: web.Application, job: Coroutine[Any, Any, None], name: str
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a service's loop beside its HTTP server; if the loop dies, /healthz fails so the
+    orchestrator restarts the process. Cancelled and awaited on the way out."""
+    task = asyncio.create_task(job, name=name)
+
+    def on_exit(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("background loop crashed", loop=name, error=repr(done.exception()))
+            app[READINESS].set_failed(f"{name} crashed: {done.exception()!r}")
+
+    task.add_done_callback(on_exit)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,51 @@
+"""Settings every service shares; each service extends this in its own `settings.py`.
+
+Nothing else in Vitrine reads the environment: a service builds its settings once at start
+and passes them in, and tests build them with keyword overrides.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # the model module imports torch: keep it off the CLI's import path
+    from vitrine.model import ModelSpec
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VITRINE_", extra="ignore")
+
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092", description="bootstrap.servers of the Kafka cluster"
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="product metadata")
+    events_topic: str = "catalog.events"
+    vectors_topic: str = "catalog.vectors"
+    dlq_topic: str = "catalog.events.dlq"
+    event_partitions: int = Field(default=4, ge=1)
+    vector_partitions: int = Field(
+        default=8, ge=1, description="P of catalog.vectors; caps how many shards can own data"
+    )
+    model_arch: str = Field(
+        default="vitrine-minilm-efflite0",
+        description="open_clip architecture: built-in name, config JSON path or shipped config",
+    )
+    model_weights: str | None = Field(
+        default="offline", description="pretrained tag, checkpoint path, 'offline' or empty"
+    )
+    model_seed: int = 0
+    log_level: str = "INFO"
+    log_json: bool = True
+    host: str = "127.0.0.1"
+
+    def model_spec(self) -> ModelSpec:
+        from vitrine.model import ModelSpec
+
+        return ModelSpec(
+            architecture=self.model_arch,
+            weights=self.model_weights or None,
+            seed=self.model_seed,
+        )
