@@ -29,8 +29,10 @@ def unpack(data: bytes) -> dict[str, Any]:
 
 def check_schema_version(payload: dict[str, Any], supported: int, what: str) -> None:
     """An unknown schema version is refused, never guessed at."""
-    version = payload.get("schema_version")
-    if version != supported:
+    if "schema_version" not in payload:
+        raise InvalidMessage(f"{what} has no schema_version (supported: {supported})")
+    version = payload["schema_version"]
+    if version != supported or isinstance(version, bool):
         raise InvalidMessage(
             f"unknown schema version {version!r} for {what} (supported: {supported})"
         )

@@ -70,7 +70,9 @@ def _bad_events(image_root: Path, fashion_data: Path, image_server: str) -> dict
 
     good = event("bad-truncated", (image_root / "x.jpg").as_uri())
     return {
-        b"bad-malformed": msgpack.packb({"hello": "world"}),
+        b"bad-malformed": msgpack.packb(
+            {"schema_version": 1, "op": "upsert", "product_id": "bad-malformed", "version": "x"}
+        ),
         b"bad-truncated": good[: len(good) - 7],
         b"bad-version": msgpack.packb(
             {"schema_version": 99, "op": "upsert", "product_id": "bad-version", "version": 1}

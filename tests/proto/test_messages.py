@@ -44,10 +44,17 @@ def test_catalog_event_rejections_say_why(payload: dict[str, object], reason: st
         CatalogEvent.from_wire(msgpack.packb({"schema_version": 1, **payload}))
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+@pytest.mark.parametrize("version", [None, 0, 2, "1", True])
 def test_unknown_schema_version_is_refused(version: object) -> None:
     payload = {**upsert().model_dump(), "schema_version": version}
     with pytest.raises(InvalidMessage, match="unknown schema version"):
+        CatalogEvent.from_wire(msgpack.packb(payload))
+
+
+def test_a_message_without_schema_version_is_refused() -> None:
+    payload = upsert().model_dump()
+    del payload["schema_version"]
+    with pytest.raises(InvalidMessage, match="no schema_version"):
         CatalogEvent.from_wire(msgpack.packb(payload))
 
 
