@@ -54,7 +54,9 @@ def router_latency(stack: LocalStack, n: int = 200) -> tuple[list[float], list[f
     return client, server
 
 
-def freshness(stack: LocalStack, publisher: EventPublisher, events: list, n: int = 20) -> list[float]:
+def freshness(
+    stack: LocalStack, publisher: EventPublisher, events: list, n: int = 20
+) -> list[float]:
     """Publish one event at a time and poll image search until it is the top hit."""
     times = []
     for event in events[:n]:

@@ -20,7 +20,7 @@ class CatalogEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = CATALOG_EVENT_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     op: Literal["upsert", "delete"]
     product_id: str = Field(
         min_length=1, max_length=MAX_PRODUCT_ID_LEN, pattern=r"^[A-Za-z0-9._:\-]+$"

@@ -18,7 +18,7 @@ DEAD_LETTER_SCHEMA_VERSION = 1
 class DeadLetter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = DEAD_LETTER_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     reason: str
     stage: Literal["decode", "fetch", "image", "encode"] = Field(
         description="decode: not a valid event; fetch: image could not be read; "

@@ -21,7 +21,7 @@ MAX_BATCH = 256
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SEARCH_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     queries: bytes = Field(description="float32 row-major (nq, dim)")
     nq: int = Field(ge=1, le=MAX_BATCH)
     dim: int = Field(ge=1, le=65536)
@@ -65,7 +65,7 @@ class SearchResponse(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SEARCH_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     shard_id: int = Field(ge=0)
     ids: list[list[str]]
     scores: list[list[float]]

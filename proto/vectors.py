@@ -20,7 +20,7 @@ _DTYPES = {"f16": np.float16, "f32": np.float32}
 class VectorRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = VECTOR_RECORD_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     op: Literal["upsert", "delete"]
     product_id: str = Field(min_length=1, max_length=128)
     version: int = Field(ge=0)
@@ -43,7 +43,12 @@ class VectorRecord(BaseModel):
 
     @classmethod
     def upsert(
-        cls, product_id: str, version: int, model_id: str, vector: np.ndarray, dtype: str = "f32"
+        cls,
+        product_id: str,
+        version: int,
+        model_id: str,
+        vector: np.ndarray,
+        dtype: Literal["f16", "f32"] = "f32",
     ) -> VectorRecord:
         data = np.ascontiguousarray(vector, dtype=_DTYPES[dtype]).reshape(-1)
         return cls(

@@ -145,7 +145,9 @@ async def _errors_and_timing(request: web.Request, handler: Handler) -> web.Stre
         structlog.contextvars.unbind_contextvars("request_id")
 
 
-def run_service(app: web.Application, host: str, port: int) -> None:
+def run_service(
+    app: web.Application | Coroutine[Any, Any, web.Application], host: str, port: int
+) -> None:
     """Serve until SIGINT/SIGTERM; aiohttp then unwinds the cleanup contexts in reverse."""
     log.info("listening", host=host, port=port)
     web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)

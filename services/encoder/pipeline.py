@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -67,7 +68,7 @@ class EventTransform:
         model_id: str,
         max_pixels: int,
         fetch_concurrency: int,
-        vector_dtype: str = "f16",
+        vector_dtype: Literal["f16", "f32"] = "f16",
     ) -> None:
         self._fetch = fetch
         self._encode_images = encode_images

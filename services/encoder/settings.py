@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -23,7 +24,7 @@ class EncoderSettings(CommonSettings):
     max_image_bytes: int = Field(default=10 * 1024**2, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
-    vector_dtype: str = Field(default="f16", pattern="^(f16|f32)$")
+    vector_dtype: Literal["f16", "f32"] = "f16"
 
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(

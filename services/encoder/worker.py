@@ -139,7 +139,9 @@ def _is_error(message: Message) -> bool:
 
 def _raw(message: Message) -> RawEvent:
     return RawEvent(
-        topic=message.topic(), partition=message.partition(), offset=message.offset(),
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
         key=message.key(), value=message.value() or b"",
     )
 

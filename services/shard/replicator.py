@@ -64,7 +64,8 @@ class VectorReplicator:
             self._metrics.vectors.set(len(self._store))
 
     def _apply(self, message: Message) -> None:
-        self.next_offsets[message.partition()] = message.offset() + 1
+        partition, offset = message.partition() or 0, message.offset() or 0
+        self.next_offsets[partition] = offset + 1
         try:
             record = VectorRecord.from_wire(message.value() or b"")
             outcome = "applied" if self._store.apply(record) else "stale"
@@ -72,6 +73,6 @@ class VectorReplicator:
             outcome = "rejected"
             log.warning(
                 "rejected vector record", reason=str(exc),
-                partition=message.partition(), offset=message.offset(),
+                partition=partition, offset=offset,
             )
         self._metrics.records.labels(outcome).inc()
