@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from vitrine.errors import VitrineError
@@ -99,6 +99,9 @@ def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str
         "auto.offset.reset": "earliest",
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 1000,
+        # the broker may hold a fetch this long waiting for data: it bounds each hop's latency
+        # (librdkafka's default is 500 ms)
+        "fetch.wait.max.ms": 50,
         **overrides,
     }
 
@@ -154,6 +157,25 @@ class AsyncConsumer:
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, partial(fn, *args, **kwargs))
+
+    async def next_batch(
+        self, max_messages: int, max_wait_s: float, idle_wait_s: float = 1.0
+    ) -> list[Message]:
+        """Up to `max_messages`, closed by size or `max_wait_s` after the first message arrives.
+
+        librdkafka's consume(n, timeout) waits the whole timeout unless n messages come, which
+        would make a lone event wait for the batch to time out. Here the batch also closes as
+        soon as the broker has nothing more right now, so a quiet stream stays fast and a busy
+        one still fills whole batches.
+        """
+        batch = await self.call(self.consumer.consume, 1, idle_wait_s)  # returns on arrival
+        closes_at = time.monotonic() + max_wait_s
+        while batch and len(batch) < max_messages and time.monotonic() < closes_at:
+            more = await self.call(self.consumer.consume, max_messages - len(batch), 0.005)
+            if not more:
+                break
+            batch.extend(more)
+        return batch
 
     async def close(self) -> None:
         await self.call(self.consumer.close)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vitrine.kafka import TopicSpec, vitrine_topics
+
 if TYPE_CHECKING:  # the model module imports torch: keep it off the CLI's import path
     from vitrine.model import ModelSpec
 
@@ -40,6 +42,12 @@ class CommonSettings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     host: str = "127.0.0.1"
+
+    def topics(self) -> list[TopicSpec]:
+        return vitrine_topics(
+            self.events_topic, self.vectors_topic, self.dlq_topic,
+            self.event_partitions, self.vector_partitions,
+        )
 
     def model_spec(self) -> ModelSpec:
         from vitrine.model import ModelSpec

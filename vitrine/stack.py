@@ -27,7 +27,7 @@ import structlog
 from pydantic import Field
 
 from vitrine.errors import VitrineError
-from vitrine.kafka import ensure_topics, vitrine_topics
+from vitrine.kafka import ensure_topics
 from vitrine.settings import CommonSettings
 
 log = structlog.get_logger()
@@ -96,14 +96,7 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_infrastructure()
-            s = self.settings
-            ensure_topics(
-                self.kafka_bootstrap,
-                vitrine_topics(
-                    s.events_topic, s.vectors_topic, s.dlq_topic,
-                    s.event_partitions, s.vector_partitions,
-                ),
-            )
+            ensure_topics(self.kafka_bootstrap, self.settings.topics())
             self._plan_services()
             for name in self.children:
                 if name not in ("broker", "redis"):

@@ -10,15 +10,15 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from confluent_kafka import Consumer, Producer
-from vitrine.model import DualEncoder, load_dual_encoder
 
 from services.encoder.fetch import ImageFetcher, make_session
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import EventTransform
 from services.encoder.settings import EncoderSettings
 from services.encoder.worker import EncoderWorker
-from vitrine.kafka import AsyncConsumer, consumer_config, producer_config
+from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics, producer_config
 from vitrine.metadata import MetadataStore
+from vitrine.model import DualEncoder, load_dual_encoder
 from vitrine.service import READINESS, REGISTRY, background, base_app
 
 log = structlog.get_logger()
@@ -67,6 +67,8 @@ async def _http(app: web.Application) -> AsyncIterator[None]:
 
 async def _worker(app: web.Application) -> AsyncIterator[None]:
     settings, model = app[SETTINGS], app[MODEL]
+    # never let a client auto-create a topic with the broker's default partition count
+    await asyncio.to_thread(ensure_topics, settings.kafka_bootstrap, settings.topics())
     consumer = AsyncConsumer(
         Consumer(consumer_config(settings.kafka_bootstrap, settings.group_id))
     )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import structlog
 from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from redis.exceptions import RedisError
 
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import BatchOutput, EventTransform, RawEvent
@@ -49,16 +50,17 @@ class EncoderWorker:
         kafka = self._consumer.consumer
         await self._consumer.call(kafka.subscribe, [self._s.events_topic])
         while True:
-            messages = await self._consumer.call(
-                kafka.consume, self._s.batch_size, self._s.batch_timeout_ms / 1000
+            messages = await self._consumer.next_batch(
+                self._s.batch_size, self._s.batch_timeout_ms / 1000
             )
             batch = [_raw(m) for m in messages if not _is_error(m)]
             if not batch:
                 continue
             try:
                 await self._process(batch)
-            except DeliveryFailed as exc:
-                log.warning("delivery failed, rewinding batch", error=str(exc))
+            except (DeliveryFailed, RedisError) as exc:
+                # nothing was committed: rewind and try again; downstream apply is idempotent
+                log.warning("batch not delivered, rewinding", error=str(exc))
                 self._metrics.delivery_failures.inc()
                 await self._consumer.call(self._rewind, batch)
                 await asyncio.sleep(1.0)

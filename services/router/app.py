@@ -13,7 +13,6 @@ import numpy as np
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from vitrine.model import DualEncoder, load_dual_encoder
 
 from proto.search import SearchRequest
 from services.router.fanout import fan_out
@@ -22,6 +21,7 @@ from services.router.metrics import RouterMetrics
 from services.router.query import Query, query_from_body, query_from_params
 from services.router.settings import RouterSettings
 from vitrine.metadata import MetadataStore
+from vitrine.model import DualEncoder, load_dual_encoder
 from vitrine.service import READINESS, REGISTRY, REQUEST_ID_HEADER, base_app
 
 log = structlog.get_logger()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -14,7 +15,7 @@ from services.shard.metrics import ShardMetrics
 from services.shard.replicator import VectorReplicator
 from services.shard.settings import ShardSettings
 from services.shard.store import ShardStore
-from vitrine.kafka import AsyncConsumer, consumer_config
+from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics
 from vitrine.service import READINESS, REGISTRY, background, base_app
 
 log = structlog.get_logger()
@@ -74,6 +75,7 @@ async def search(request: web.Request) -> web.Response:
 
 async def _replicator(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    await asyncio.to_thread(ensure_topics, settings.kafka_bootstrap, settings.topics())
     config = consumer_config(
         settings.kafka_bootstrap,
         f"vitrine-shard-{settings.shard_id}",

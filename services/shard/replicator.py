@@ -49,7 +49,7 @@ class VectorReplicator:
         self._readiness.set_not_ready(f"catching up on partitions {self.partitions}")
         not_caught_up = set(self.partitions)
         while True:
-            messages = await self._consumer.call(kafka.consume, self._s.consume_batch, 0.1)
+            messages = await self._consumer.next_batch(self._s.consume_batch, 0.05, 0.1)
             for message in messages:
                 error = message.error()
                 if error is None:
