@@ -57,10 +57,10 @@ def ingest(
     endpoints = _endpoints(settings)
     total = min(count_rows(csv_path), limit) if limit is not None else count_rows(csv_path)
     publisher = EventPublisher(
-        endpoints["kafka_bootstrap"], settings.events_topic, settings.event_partitions
+        endpoints["kafka_bootstrap"], endpoints["events_topic"], endpoints["event_partitions"]
     )
     published = publish_all(publisher, events_from_csv(csv_path, images, limit), total)
-    typer.echo(f"published {published} events to {settings.events_topic}")
+    typer.echo(f"published {published} events to {endpoints['events_topic']}")
 
 
 @app.command()
@@ -150,9 +150,16 @@ def _stack_settings(shards: int | None, port: int | None, file_root: Path | None
 def _endpoints(settings: StackSettings) -> dict[str, Any]:
     """Explicit settings win; otherwise the run file that `vitrine up` wrote."""
     found = read_run_file(settings.state_dir) or {}
+    explicit = settings.model_fields_set
+
+    def pick(name: str, default: Any) -> Any:
+        return getattr(settings, name) if name in explicit else found.get(name, default)
+
     endpoints = {
         "kafka_bootstrap": settings.kafka_bootstrap or found.get("kafka_bootstrap"),
         "router_url": found.get("router_url") or f"http://127.0.0.1:{settings.router_port}",
+        "events_topic": pick("events_topic", settings.events_topic),
+        "event_partitions": pick("event_partitions", settings.event_partitions),
     }
     if not endpoints["kafka_bootstrap"]:
         raise typer.BadParameter(
