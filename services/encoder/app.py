@@ -11,11 +11,11 @@ import structlog
 from aiohttp import web
 from confluent_kafka import Consumer, Producer
 
-from services.encoder.fetch import ImageFetcher, make_session
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import EventTransform
 from services.encoder.settings import EncoderSettings
 from services.encoder.worker import EncoderWorker
+from vitrine.fetch import ImageFetcher, make_session
 from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics, producer_config
 from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder

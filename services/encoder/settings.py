@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from services.encoder.fetch import FetchPolicy
+from vitrine.fetch import FetchPolicy
 from vitrine.settings import CommonSettings
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from services.encoder.fetch import (
+from vitrine.errors import ImageRejected
+from vitrine.fetch import (
     CheckingResolver,
     FetchPolicy,
     ImageFetcher,
     address_refusal,
     make_session,
 )
-from vitrine.errors import ImageRejected
 
 JPEG = b"\xff\xd8" + b"x" * 1000
 
