@@ -6,11 +6,13 @@ and passes them in, and tests build them with keyword overrides.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vitrine.fetch import FetchPolicy
 from vitrine.kafka import TopicSpec, vitrine_topics
 
 if TYPE_CHECKING:  # the model module imports torch: keep it off the CLI's import path
@@ -39,9 +41,27 @@ class CommonSettings(BaseSettings):
         default="offline", description="pretrained tag, checkpoint path, 'offline' or empty"
     )
     model_seed: int = 0
+    # images: the encoder fetches product images, the router serves them and decodes queries
+    image_file_root: Path | None = Field(
+        default=None, description="file:// image_uris are read only below this directory"
+    )
+    allow_private_networks: bool = Field(
+        default=False, description="allow http(s) images on loopback/private/link-local hosts"
+    )
+    max_image_bytes: int = Field(default=10 * 1024**2, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
     log_json: bool = True
     host: str = "127.0.0.1"
+
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            file_root=self.image_file_root,
+            allow_private_networks=self.allow_private_networks,
+            max_bytes=self.max_image_bytes,
+            timeout_s=self.fetch_timeout_s,
+        )
 
     def topics(self) -> list[TopicSpec]:
         return vitrine_topics(

@@ -42,8 +42,6 @@ class StackSettings(CommonSettings):
     state_dir: Path = Field(
         default=Path.home() / ".vitrine", description="run file, logs and local data"
     )
-    image_file_root: Path | None = None
-    allow_private_networks: bool = False
     start_timeout_s: float = 180.0
     service_env: dict[str, str] = Field(
         default_factory=dict, description="extra VITRINE_* settings for every child service"
@@ -159,9 +157,6 @@ class LocalStack:
         env["VITRINE_KAFKA_BOOTSTRAP"] = self.kafka_bootstrap
         env["VITRINE_REDIS_URL"] = self.redis_url
         env["VITRINE_DEADLINE_MS"] = str(self.settings.deadline_ms)
-        env["VITRINE_ALLOW_PRIVATE_NETWORKS"] = str(self.settings.allow_private_networks)
-        if self.settings.image_file_root is not None:
-            env["VITRINE_IMAGE_FILE_ROOT"] = str(self.settings.image_file_root)
         return {**env, **self.settings.service_env}
 
     def _add(self, name: str, args: list[str], env: dict[str, str], health: str | None) -> None:

@@ -18,8 +18,6 @@ class RouterSettings(CommonSettings):
     max_k: int = Field(default=100, ge=1, le=1000)
     default_k: int = Field(default=10, ge=1)
     max_query_chars: int = Field(default=512, ge=1)
-    max_image_bytes: int = Field(default=8 * 1024**2, ge=1)
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
 
     @field_validator("shard_urls", mode="before")
     @classmethod
