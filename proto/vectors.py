@@ -28,6 +28,9 @@ class VectorRecord(BaseModel):
     dim: int = Field(default=0, ge=0, le=65536)
     dtype: Literal["f16", "f32"] = "f32"
     vector: bytes = b""
+    event_time_ms: int = Field(
+        default=0, ge=0, description="When the catalog event was published (0: unknown)"
+    )
 
     @model_validator(mode="after")
     def _vector_matches_dim(self) -> VectorRecord:
@@ -49,16 +52,23 @@ class VectorRecord(BaseModel):
         model_id: str,
         vector: np.ndarray,
         dtype: Literal["f16", "f32"] = "f32",
+        event_time_ms: int = 0,
     ) -> VectorRecord:
         data = np.ascontiguousarray(vector, dtype=_DTYPES[dtype]).reshape(-1)
         return cls(
             op="upsert", product_id=product_id, version=version, model_id=model_id,
             dim=int(data.shape[0]), dtype=dtype, vector=data.tobytes(),
+            event_time_ms=event_time_ms,
         )
 
     @classmethod
-    def tombstone(cls, product_id: str, version: int, model_id: str) -> VectorRecord:
-        return cls(op="delete", product_id=product_id, version=version, model_id=model_id)
+    def tombstone(
+        cls, product_id: str, version: int, model_id: str, event_time_ms: int = 0
+    ) -> VectorRecord:
+        return cls(
+            op="delete", product_id=product_id, version=version, model_id=model_id,
+            event_time_ms=event_time_ms,
+        )
 
     def as_array(self) -> np.ndarray:
         """The vector as float32, whatever its wire precision."""

@@ -46,7 +46,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> Iterato
         kafka_bootstrap=None,
         redis_url=None,
         log_json=True,
-        service_env={"VITRINE_MAX_IMAGE_BYTES": "524288", "VITRINE_MAX_IMAGE_PIXELS": "10000000"},
+        service_env={
+            "VITRINE_MAX_IMAGE_BYTES": "524288",
+            "VITRINE_MAX_IMAGE_PIXELS": "10000000",
+            "VITRINE_LOG_LEVEL": "DEBUG",  # per-request lines, to follow a request id
+        },
     )
     local = LocalStack(settings)
     local.start()

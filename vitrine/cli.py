@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from proto.catalog import catalog_event_json_schema
 from vitrine.errors import VitrineError
 from vitrine.ingest import EventPublisher, count_rows, events_from_csv, publish_all
 from vitrine.service import configure_logging
 from vitrine.stack import LocalStack, StackSettings, read_run_file
+from vitrine.status import Fleet, fleet_table
 
 DEFAULT_DATA = Path("../shared/data/fashion")
 
@@ -73,6 +75,23 @@ def search(
     url = router or _endpoints(StackSettings())["router_url"]
     answer = query_router(url, text, k)
     _print_answer(answer)
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option(help="refresh until Ctrl-C")] = False,
+) -> None:
+    """Shards, vectors per shard, lag, readiness and encoder throughput of the running stack."""
+    found = read_run_file(StackSettings().state_dir)
+    if found is None:
+        raise typer.BadParameter("no running stack found: start `vitrine up` first")
+    fleet = Fleet(found["router_url"], found["encoder_url"], found["shard_urls"])
+    console = Console()
+    while True:
+        console.print(fleet_table(fleet))
+        if not watch:
+            return
+        time.sleep(1.0)
 
 
 @app.command()

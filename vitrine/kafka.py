@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Message
+import structlog
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client import Gauge
 
 from vitrine.errors import VitrineError
 
 T = TypeVar("T")
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,45 @@ class AsyncConsumer:
     async def close(self) -> None:
         await self.call(self.consumer.close)
         self._thread.shutdown(wait=True)
+
+
+def partition_lag(consumer: Consumer, partitions: list[TopicPartition]) -> dict[int, int]:
+    """Messages between the consumer's position and the end of each partition.
+
+    Approximate where a broker's high watermark is (Tansu reports the first offset of the last
+    batch + 1); exact on Kafka. A partition not consumed from yet counts from its start.
+    """
+    lags: dict[int, int] = {}
+    for tp in consumer.position(partitions):
+        low, high = consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+        position = tp.offset if tp.offset >= 0 else low
+        lags[tp.partition] = max(0, high - position)
+    return lags
+
+
+class LagTracker:
+    """Refreshes a per-partition lag gauge at most every `interval_s`, from the consumer's
+    own thread, so the loop that owns the consumer pays for it only now and then."""
+
+    def __init__(self, consumer: AsyncConsumer, gauge: Gauge, interval_s: float = 5.0) -> None:
+        self._consumer = consumer
+        self._gauge = gauge
+        self._interval_s = interval_s
+        self._last = -interval_s
+        self.lags: dict[int, int] = {}
+
+    async def maybe_refresh(self, partitions: list[TopicPartition] | None = None) -> None:
+        if time.monotonic() - self._last < self._interval_s:
+            return
+        self._last = time.monotonic()
+        kafka = self._consumer.consumer
+        wanted = partitions if partitions is not None else await self._consumer.call(
+            kafka.assignment
+        )
+        try:
+            self.lags = await self._consumer.call(partition_lag, kafka, wanted)
+        except KafkaException as exc:  # a metric must never stop the loop it measures
+            log.warning("lag refresh failed", error=str(exc))
+            return
+        for partition, lag in self.lags.items():
+            self._gauge.labels(str(partition)).set(lag)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import sys
 import time
@@ -18,7 +19,14 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 
 from vitrine.errors import VitrineError
 
@@ -72,7 +80,9 @@ def configure_logging(service: str, level: str = "INFO", json: bool = True) -> N
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # libraries stay at INFO or above: VITRINE_LOG_LEVEL=DEBUG is about Vitrine's own lines
+    library_level = max(logging.INFO, logging.getLevelName(level.upper()))
+    logging.basicConfig(level=library_level, handlers=[handler], force=True)
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -86,6 +96,11 @@ def base_app(service: str) -> web.Application:
     """An app with /healthz, /readyz, /metrics and the VitrineError -> HTTP mapping."""
     app = web.Application(middlewares=[_errors_and_timing], client_max_size=16 * 1024**2)
     registry = CollectorRegistry()
+    ProcessCollector(namespace="vitrine", registry=registry)  # memory, CPU, open fds
+    # join key for per-role panels: `... * on(instance) group_left(service) vitrine_service_info`
+    Info("vitrine_service", "Which Vitrine role this process is", registry=registry).info(
+        {"service": service, "version": _version()}
+    )
     app[REGISTRY] = registry
     app[READINESS] = Readiness()
     app[REQUEST_SECONDS] = Histogram(
@@ -100,6 +115,13 @@ def base_app(service: str) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vitrine")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -139,9 +161,15 @@ async def _errors_and_timing(request: web.Request, handler: Handler) -> web.Stre
     finally:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        request.app[REQUEST_SECONDS].labels(
-            request.app[SERVICE_NAME], name, str(status)
-        ).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        request.app[REQUEST_SECONDS].labels(request.app[SERVICE_NAME], name, str(status)).observe(
+            elapsed
+        )
+        # every line logged while serving carries request_id; the router forwards it to shards
+        (log.info if status >= 400 else log.debug)(
+            "request", method=request.method, route=name, status=status,
+            ms=round(elapsed * 1000, 3),
+        )
         structlog.contextvars.unbind_contextvars("request_id")
 
 

@@ -41,7 +41,9 @@ async def create_app(settings: EncoderSettings) -> web.Application:
 async def stats(request: web.Request) -> web.Response:
     """Events handled since start, by outcome: for `vitrine` commands and operators."""
     worker = request.app[WORKER]
-    return web.json_response({"model_id": request.app[MODEL].model_id, "events": worker.totals})
+    return web.json_response(
+        {"model_id": request.app[MODEL].model_id, "events": worker.totals, "lag": worker.lag.lags}
+    )
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class EncoderMetrics:
@@ -20,6 +20,10 @@ class EncoderMetrics:
         self.batch_size = Histogram(
             "vitrine_encoder_batch_size_events", "Events per consumed batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry,
+        )
+        self.lag = Gauge(
+            "vitrine_encoder_lag_messages", "Events not yet consumed, per catalog.events partition",
+            ["partition"], registry=registry,
         )
         self.batch_seconds = Histogram(
             "vitrine_encoder_batch_duration_seconds", "Consume-to-commit time of a batch",

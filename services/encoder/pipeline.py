@@ -31,6 +31,7 @@ class RawEvent:
     offset: int
     key: bytes | None
     value: bytes
+    timestamp_ms: int = 0  # the broker's record timestamp: when the catalog published it
 
 
 @dataclass
@@ -89,19 +90,22 @@ class EventTransform:
             if event.op == "delete":
                 out.deletes.append((event.product_id, event.version))
                 out.vectors.append(
-                    VectorRecord.tombstone(event.product_id, event.version, self._model_id)
+                    VectorRecord.tombstone(
+                        event.product_id, event.version, self._model_id, raw.timestamp_ms
+                    )
                 )
             else:
                 upserts.append((raw, event))
         images = await asyncio.gather(*(self._load(raw, ev, out) for raw, ev in upserts))
-        ready = [(ev, img) for (_, ev), img in zip(upserts, images, strict=True) if img]
+        ready = [(raw, ev, img) for (raw, ev), img in zip(upserts, images, strict=True) if img]
         if ready:
-            vectors = await asyncio.to_thread(self._encode_images, [img for _, img in ready])
-            for (event, _), vector in zip(ready, vectors, strict=True):
+            vectors = await asyncio.to_thread(self._encode_images, [img for *_, img in ready])
+            for (raw, event, _), vector in zip(ready, vectors, strict=True):
                 out.metadata.append(_metadata_of(event))
                 out.vectors.append(
                     VectorRecord.upsert(
-                        event.product_id, event.version, self._model_id, vector, self._dtype
+                        event.product_id, event.version, self._model_id, vector, self._dtype,
+                        event_time_ms=raw.timestamp_ms,
                     )
                 )
         return out

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import BatchOutput, EventTransform, RawEvent
 from services.encoder.settings import EncoderSettings
-from vitrine.kafka import AsyncConsumer, partition_for
+from vitrine.kafka import AsyncConsumer, LagTracker, partition_for
 from vitrine.metadata import MetadataStore
 
 log = structlog.get_logger()
@@ -45,6 +45,7 @@ class EncoderWorker:
         self._metadata = metadata
         self._metrics = metrics
         self.totals: Counter[str] = Counter()  # outcome -> events, for /stats
+        self.lag = LagTracker(consumer, metrics.lag)
 
     async def run(self) -> None:
         kafka = self._consumer.consumer
@@ -53,6 +54,7 @@ class EncoderWorker:
             messages = await self._consumer.next_batch(
                 self._s.batch_size, self._s.batch_timeout_ms / 1000
             )
+            await self.lag.maybe_refresh()
             batch = [_raw(m) for m in messages if not _is_error(m)]
             if not batch:
                 continue
@@ -145,6 +147,7 @@ def _raw(message: Message) -> RawEvent:
         partition=message.partition() or 0,
         offset=message.offset() or 0,
         key=message.key(), value=message.value() or b"",
+        timestamp_ms=max(0, message.timestamp()[1]),
     )
 
 

@@ -49,6 +49,8 @@ async def stats(request: web.Request) -> web.Response:
         "ready": app[READINESS].ready,
         "partitions": replicator.partitions,
         "next_offsets": replicator.next_offsets,
+        "lag": replicator.lag.lags,
+        "index_bytes": app[STORE].nbytes(),
     })
 
 

@@ -12,6 +12,19 @@ class ShardMetrics:
             "vitrine_shard_records_total", "Vector records consumed, by outcome", ["outcome"],
             registry=registry,
         )
+        self.index_bytes = Gauge(
+            "vitrine_shard_index_bytes", "Memory held by the vector index", registry=registry
+        )
+        self.lag = Gauge(
+            "vitrine_shard_lag_messages", "Vector records not yet applied, per owned partition",
+            ["partition"], registry=registry,
+        )
+        self.freshness_seconds = Histogram(
+            "vitrine_shard_freshness_seconds",
+            "From the catalog event's publication to its vector being searchable here",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+            registry=registry,
+        )
         self.search_seconds = Histogram(
             "vitrine_shard_search_duration_seconds", "Index search time per request",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),

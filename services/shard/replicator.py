@@ -7,6 +7,8 @@ owned partition (watermarks are unreliable on some brokers; EOF events are not).
 
 from __future__ import annotations
 
+import time
+
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
@@ -15,7 +17,7 @@ from services.shard.metrics import ShardMetrics
 from services.shard.settings import ShardSettings
 from services.shard.store import ShardStore
 from vitrine.errors import InvalidMessage
-from vitrine.kafka import AsyncConsumer, owned_partitions
+from vitrine.kafka import AsyncConsumer, LagTracker, owned_partitions
 from vitrine.service import Readiness
 
 log = structlog.get_logger()
@@ -39,6 +41,7 @@ class VectorReplicator:
             settings.shard_id, settings.num_shards, settings.vector_partitions
         )
         self.next_offsets: dict[int, int] = {}
+        self.lag = LagTracker(consumer, metrics.lag)
 
     async def run(self) -> None:
         kafka = self._consumer.consumer
@@ -46,6 +49,7 @@ class VectorReplicator:
             TopicPartition(self._s.vectors_topic, p, OFFSET_BEGINNING) for p in self.partitions
         ]
         await self._consumer.call(kafka.assign, assignment)
+        owned = [TopicPartition(self._s.vectors_topic, p) for p in self.partitions]
         self._readiness.set_not_ready(f"catching up on partitions {self.partitions}")
         not_caught_up = set(self.partitions)
         while True:
@@ -62,13 +66,20 @@ class VectorReplicator:
                 log.info("caught up", vectors=len(self._store), partitions=self.partitions)
                 self._readiness.set_ready()
             self._metrics.vectors.set(len(self._store))
+            self._metrics.index_bytes.set(self._store.nbytes())
+            await self.lag.maybe_refresh(owned)
 
     def _apply(self, message: Message) -> None:
         partition, offset = message.partition() or 0, message.offset() or 0
         self.next_offsets[partition] = offset + 1
         try:
             record = VectorRecord.from_wire(message.value() or b"")
-            outcome = "applied" if self._store.apply(record) else "stale"
+            applied = self._store.apply(record)
+            outcome = "applied" if applied else "stale"
+            if applied and record.event_time_ms:
+                self._metrics.freshness_seconds.observe(
+                    max(0.0, time.time() - record.event_time_ms / 1000)
+                )
         except InvalidMessage as exc:
             outcome = "rejected"
             log.warning(

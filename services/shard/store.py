@@ -35,6 +35,9 @@ class ShardStore:
         self.versions[record.product_id] = record.version
         return True
 
+    def nbytes(self) -> int:
+        return self.index.nbytes() if self.index is not None else 0
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         if self.index is None:
             return np.zeros((len(queries), 0), dtype=np.float32), [[] for _ in queries]

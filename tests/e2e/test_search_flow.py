@@ -6,8 +6,10 @@ import functools
 import hashlib
 import http.server
 import io
+import re
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,9 +110,7 @@ def catalog(
     publisher.flush()
 
     reader = DeadLetterReader(stack.kafka_bootstrap, s.dlq_topic)
-    eventually(
-        lambda: shard_vectors(stack.shard_urls) == CATALOG_SIZE, what="300 products indexed"
-    )
+    eventually(lambda: shard_vectors(stack.shard_urls) == CATALOG_SIZE, what="300 products indexed")
     dead = reader.wait_for(bad_keys)
     reader.close()
 
@@ -120,8 +120,7 @@ def catalog(
     unique = [
         e.product_id
         for e in events
-        if digests[hashlib.sha256((image_root / f"{e.product_id}.jpg").read_bytes()).digest()]
-        == 1
+        if digests[hashlib.sha256((image_root / f"{e.product_id}.jpg").read_bytes()).digest()] == 1
     ]
     yield Catalog(events, unique, dead, publisher, image_root / f"{spare.product_id}.jpg")
 
@@ -193,9 +192,11 @@ def test_update_with_a_new_image_changes_what_image_search_finds(
     catalog.publisher.publish(updated)
     catalog.publisher.flush()
     after = eventually(
-        lambda: (a := search_image(stack.router_url, catalog.spare_image, k=3))
-        and ids_of(a)[0] == target.product_id
-        and a,
+        lambda: (
+            (a := search_image(stack.router_url, catalog.spare_image, k=3))
+            and ids_of(a)[0] == target.product_id
+            and a
+        ),
         what="the updated image to be searchable",
     )
     assert after["results"][0]["image_uri"] == catalog.spare_image.as_uri()
@@ -219,8 +220,9 @@ def test_delete_removes_the_product_from_every_answer(
         lambda: shard_vectors(stack.shard_urls) == CATALOG_SIZE - 1,
         what="the shard to apply the tombstone",
     )
-    answer = search_text(stack.router_url, next(e.title for e in catalog.events
-                                                 if e.product_id == victim), k=100)
+    answer = search_text(
+        stack.router_url, next(e.title for e in catalog.events if e.product_id == victim), k=100
+    )
     assert victim not in ids_of(answer)
 
 
@@ -241,3 +243,38 @@ def test_router_answers_partial_when_a_shard_is_stopped(
         stack.start_child("shard-1")
     answer = search_text(stack.router_url, "blue shirt", k=5)
     assert not answer["partial"]
+
+
+def test_freshness_and_lag_are_measured(stack: LocalStack, catalog: Catalog) -> None:
+    freshness = 0.0
+    for url in stack.shard_urls:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        match = re.search(r"^vitrine_shard_freshness_seconds_count (\S+)$", text, flags=re.M)
+        assert match, "no freshness histogram"
+        freshness += float(match.group(1))
+    assert freshness >= CATALOG_SIZE  # every applied upsert carried its publication time
+    eventually(
+        lambda: all(
+            http_json(f"{url}/stats")[1]["lag"]
+            and sum(http_json(f"{url}/stats")[1]["lag"].values()) == 0
+            for url in [stack.encoder_url, *stack.shard_urls]
+        ),
+        timeout_s=30,
+        what="lag gauges to report a caught-up pipeline",
+    )
+
+
+def test_the_request_id_travels_from_the_router_to_the_shards(
+    stack: LocalStack, catalog: Catalog
+) -> None:
+    request = urllib.request.Request(
+        f"{stack.router_url}/search?q=shoes&k=3", headers={"X-Request-Id": "trace-me-42"}
+    )
+    urllib.request.urlopen(request, timeout=30).read()
+    stack.stop_child("shard-0")  # flushes its log
+    try:
+        lines = (stack.log_dir / "shard-0.log").read_text().splitlines()
+    finally:
+        stack.start_child("shard-0")
+    assert any('"request_id": "trace-me-42"' in line for line in lines)
