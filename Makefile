@@ -10,7 +10,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo up test lint clean
 
-setup: $(STAMP) /usr/bin/redis-server
+setup: $(STAMP) /usr/bin/redis-server /usr/bin/chromium
 
 # uv resolves and installs the ~3 GB of torch wheels in seconds from its cache on a re-run
 $(STAMP): pyproject.toml
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 /usr/bin/redis-server:
 	command -v redis-server >/dev/null || \
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server)
+
+# the storefront's browser test drives it through Playwright (no `playwright install` offline)
+/usr/bin/chromium:
+	test -x /usr/bin/chromium || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
 demo: setup
 	$(VENV)/bin/vitrine demo --data $(DATA) --limit $(LIMIT)

@@ -27,5 +27,17 @@ class ImageRejected(VitrineError):
     http_status = 422
 
 
+class ProductNotFound(VitrineError):
+    """No live product by that id: never published, or deleted."""
+
+    http_status = 404
+
+
+class ImageUnavailable(VitrineError):
+    """The product exists but its image could not be fetched or is not a servable image."""
+
+    http_status = 502
+
+
 class ModelSpecError(VitrineError):
     """A model spec that names no architecture or weights we can load."""

@@ -20,6 +20,8 @@ from services.router.merge import merge_topk
 from services.router.metrics import RouterMetrics
 from services.router.query import Query, query_from_body, query_from_params
 from services.router.settings import RouterSettings
+from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
+from vitrine.fetch import ImageFetcher, make_session
 from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
 from vitrine.service import READINESS, REGISTRY, REQUEST_ID_HEADER, base_app
@@ -37,9 +39,10 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app = base_app("router")
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics(app[REGISTRY])
-    app.cleanup_ctx.extend([_model, _redis, _shard_session])
+    app.cleanup_ctx.extend([_model, _redis, _shard_session, _image_session])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
+    add_storefront_routes(app)
     return app
 
 
@@ -123,4 +126,12 @@ async def _shard_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector) as session:
         app[SHARDS] = session
+        yield
+
+
+async def _image_session(app: web.Application) -> AsyncIterator[None]:
+    """Product images for the storefront, fetched under the encoder's rules."""
+    policy = app[SETTINGS].fetch_policy()
+    async with make_session(policy) as session:
+        app[PRODUCT_IMAGES] = ProductImages(app[METADATA], ImageFetcher(policy, session))
         yield

@@ -46,6 +46,7 @@ class Catalog:
     dead: dict[bytes, DeadLetter]
     publisher: EventPublisher
     spare_image: Path  # an image no published product has
+    baseline: int  # vectors already held before this module published
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,7 @@ def catalog(
     bad = _bad_events(image_root, fashion_data, image_server)
     bad_keys = set(bad)
     s = stack.settings
+    baseline = shard_vectors(stack.shard_urls)  # other modules' products, if they ran first
     publisher = EventPublisher(stack.kafka_bootstrap, s.events_topic, s.event_partitions)
     for i, e in enumerate(events):
         publisher.publish(e)
@@ -110,7 +112,10 @@ def catalog(
     publisher.flush()
 
     reader = DeadLetterReader(stack.kafka_bootstrap, s.dlq_topic)
-    eventually(lambda: shard_vectors(stack.shard_urls) == CATALOG_SIZE, what="300 products indexed")
+    eventually(
+        lambda: shard_vectors(stack.shard_urls) == baseline + CATALOG_SIZE,
+        what="300 products indexed",
+    )
     dead = reader.wait_for(bad_keys)
     reader.close()
 
@@ -122,7 +127,7 @@ def catalog(
         for e in events
         if digests[hashlib.sha256((image_root / f"{e.product_id}.jpg").read_bytes()).digest()] == 1
     ]
-    yield Catalog(events, unique, dead, publisher, image_root / f"{spare.product_id}.jpg")
+    yield Catalog(events, unique, dead, publisher, image_root / f"{spare.product_id}.jpg", baseline)
 
 
 def test_searching_by_a_products_own_image_finds_it_first(
@@ -139,7 +144,7 @@ def test_text_query_returns_k_results_with_metadata(stack: LocalStack, catalog: 
     titles = {e.product_id: e.title for e in catalog.events}
     assert len(answer["results"]) == 7
     assert not answer["partial"] and answer["missing_shards"] == []
-    assert answer["coverage"]["vectors_searched"] == CATALOG_SIZE
+    assert answer["coverage"]["vectors_searched"] == catalog.baseline + CATALOG_SIZE
     scores = [hit["score"] for hit in answer["results"]]
     assert scores == sorted(scores, reverse=True)
     for hit in answer["results"]:
@@ -151,7 +156,7 @@ def test_text_query_returns_k_results_with_metadata(stack: LocalStack, catalog: 
 def test_every_good_event_is_indexed_around_the_bad_ones(
     stack: LocalStack, catalog: Catalog
 ) -> None:
-    assert shard_vectors(stack.shard_urls) == CATALOG_SIZE
+    assert shard_vectors(stack.shard_urls) == catalog.baseline + CATALOG_SIZE
     assert len(catalog.dead) == 9
 
 
@@ -217,7 +222,7 @@ def test_delete_removes_the_product_from_every_answer(
     )
     # the router hides it as soon as its metadata is a tombstone; the shard follows via the log
     eventually(
-        lambda: shard_vectors(stack.shard_urls) == CATALOG_SIZE - 1,
+        lambda: shard_vectors(stack.shard_urls) == catalog.baseline + CATALOG_SIZE - 1,
         what="the shard to apply the tombstone",
     )
     answer = search_text(

@@ -1,0 +1,116 @@
+"""The shopper-facing demo page and the product images it shows, served by the router.
+
+`GET /` is one static page (services/router/static/, package data, no build step) that talks
+to `/search` and `/images/{product_id}`. Images are fetched under the encoder's rules
+(`vitrine.fetch`): an image_uri the encoder would refuse is refused here too.
+Covered by tests/router/test_storefront.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
+
+from proto.catalog import MAX_PRODUCT_ID_LEN, CatalogEvent
+from vitrine.errors import ImageRejected, ImageUnavailable, InvalidQuery, ProductNotFound
+from vitrine.fetch import ImageFetcher
+from vitrine.metadata import MetadataStore
+
+STATIC_DIR = Path(__file__).parent / "static"
+# a product's image can change with an update: let browsers reuse it briefly, not for days
+IMAGE_CACHE_CONTROL = "public, max-age=300"
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
+}
+
+# the catalog's own rule for product ids, not a copy of it
+_PRODUCT_ID = TypeAdapter(Annotated[str, CatalogEvent.model_fields["product_id"]])
+
+# magic bytes -> content type; anything else is not served, whatever its extension says
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class ProductImage:
+    data: bytes
+    content_type: str
+
+
+def image_content_type(data: bytes) -> str | None:
+    """The content type of JPEG, PNG, WEBP or GIF bytes from their signature, else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
+
+
+def parse_product_id(raw: str) -> str:
+    try:
+        return _PRODUCT_ID.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidQuery(
+            f"product id must be 1-{MAX_PRODUCT_ID_LEN} characters of A-Z a-z 0-9 . _ : -, "
+            f"got {raw[:MAX_PRODUCT_ID_LEN + 1]!r}"
+        ) from exc
+
+
+class ProductImages:
+    """A product id -> its image bytes: metadata from Redis, bytes through the safe fetcher."""
+
+    def __init__(self, metadata: MetadataStore, fetcher: ImageFetcher) -> None:
+        self._metadata = metadata
+        self._fetcher = fetcher
+
+    async def get(self, product_id: str) -> ProductImage:
+        found = await self._metadata.get_many([product_id])
+        if product_id not in found:
+            raise ProductNotFound(f"no product {product_id!r}")
+        try:
+            data = await self._fetcher.fetch(found[product_id].image_uri)
+        except ImageRejected as exc:
+            # the reason names internal hosts and paths: it goes to the log, not to shoppers
+            log.warning("product image unavailable", product_id=product_id, reason=str(exc))
+            raise ImageUnavailable(f"image of product {product_id!r} unavailable") from exc
+        content_type = image_content_type(data)
+        if content_type is None:
+            raise ImageUnavailable(
+                f"image of product {product_id!r} is not a JPEG, PNG, WEBP or GIF image"
+            )
+        return ProductImage(data, content_type)
+
+
+PRODUCT_IMAGES = web.AppKey("product_images", ProductImages)
+
+
+async def storefront_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+async def product_image(request: web.Request) -> web.Response:
+    product_id = parse_product_id(request.match_info["product_id"])
+    image = await request.app[PRODUCT_IMAGES].get(product_id)
+    return web.Response(
+        body=image.data,
+        content_type=image.content_type,
+        headers={"Cache-Control": IMAGE_CACHE_CONTROL, "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def add_storefront_routes(app: web.Application) -> None:
+    """The page, its assets and product images; `PRODUCT_IMAGES` must be set by startup."""
+    app.router.add_get("/", storefront_page)
+    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/images/{product_id:.+}", product_image)
