@@ -135,7 +135,8 @@ class LocalStack:
             port = free_port()
             self.shard_urls.append(f"http://127.0.0.1:{port}")
             env = {"VITRINE_SHARD_ID": str(shard), "VITRINE_NUM_SHARDS": str(s.num_shards),
-                   "VITRINE_SHARD_PORT": str(port)}
+                   "VITRINE_SHARD_PORT": str(port),
+                   "VITRINE_SNAPSHOT_DIR": str(s.state_dir / "snapshots" / f"shard-{shard}")}
             self._add(f"shard-{shard}", [*python, "services.shard"], {**common, **env},
                       f"{self.shard_urls[-1]}/readyz")
         port = free_port()

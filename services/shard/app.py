@@ -51,6 +51,7 @@ async def stats(request: web.Request) -> web.Response:
         "next_offsets": replicator.next_offsets,
         "lag": replicator.lag.lags,
         "index_bytes": app[STORE].nbytes(),
+        "restored_from": replicator.restored_from,
     })
 
 
@@ -90,4 +91,5 @@ async def _replicator(app: web.Application) -> AsyncIterator[None]:
     app[REPLICATOR] = replicator
     async with background(app, replicator.run(), "replicator"):
         yield
+    await replicator.snapshot()  # graceful shutdown: restart from here, not from the start
     await consumer.close()

@@ -75,6 +75,22 @@ class ExactIndex:
         ids = [[self._ids[r] for r in row if r >= 0] for row in rows]
         return scores, ids
 
+    def export(self) -> tuple[list[str], np.ndarray]:
+        """A copy of (ids, vectors) in slot order: a consistent cut for a snapshot."""
+        return list(self._ids), self._vectors[: len(self._ids)].copy()
+
+    @classmethod
+    def from_arrays(
+        cls, ids: list[str], vectors: np.ndarray, use_gpu: bool | None = None
+    ) -> ExactIndex:
+        if vectors.ndim != 2 or len(ids) != len(vectors) or len(set(ids)) != len(ids):
+            raise InvalidMessage("snapshot ids and vectors do not line up")
+        index = cls(vectors.shape[1], use_gpu, capacity=max(1024, len(ids)))
+        index._vectors[: len(ids)] = vectors
+        index._ids = list(ids)
+        index._slots = {pid: slot for slot, pid in enumerate(ids)}
+        return index
+
     def nbytes(self) -> int:
         return self._vectors.nbytes
 

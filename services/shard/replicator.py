@@ -7,6 +7,7 @@ owned partition (watermarks are unreliable on some brokers; EOF events are not).
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -15,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartitio
 from proto.vectors import VectorRecord
 from services.shard.metrics import ShardMetrics
 from services.shard.settings import ShardSettings
+from services.shard.snapshot import Snapshot, load_latest, write_snapshot
 from services.shard.store import ShardStore
 from vitrine.errors import InvalidMessage
 from vitrine.kafka import AsyncConsumer, LagTracker, owned_partitions
@@ -42,11 +44,16 @@ class VectorReplicator:
         )
         self.next_offsets: dict[int, int] = {}
         self.lag = LagTracker(consumer, metrics.lag)
+        self.restored_from: str | None = None
+        self._changed_since_snapshot = False
+        self._last_snapshot = time.monotonic()
 
     async def run(self) -> None:
         kafka = self._consumer.consumer
+        await self._restore()
         assignment = [
-            TopicPartition(self._s.vectors_topic, p, OFFSET_BEGINNING) for p in self.partitions
+            TopicPartition(self._s.vectors_topic, p, self.next_offsets.get(p, OFFSET_BEGINNING))
+            for p in self.partitions
         ]
         await self._consumer.call(kafka.assign, assignment)
         owned = [TopicPartition(self._s.vectors_topic, p) for p in self.partitions]
@@ -68,10 +75,61 @@ class VectorReplicator:
             self._metrics.vectors.set(len(self._store))
             self._metrics.index_bytes.set(self._store.nbytes())
             await self.lag.maybe_refresh(owned)
+            if time.monotonic() - self._last_snapshot >= self._s.snapshot_interval_s:
+                await self.snapshot()
+
+    async def _restore(self) -> None:
+        """Start from the newest valid snapshot unless the log no longer has its offsets
+        (a new or emptied cluster): then rebuild from the start rather than serve stale data."""
+        if self._s.snapshot_dir is None:
+            return
+        found = await asyncio.to_thread(
+            load_latest, self._s.snapshot_dir, self._s.vectors_topic,
+            self._s.num_shards, self._s.shard_id,
+        )
+        if found is None:
+            return
+        ends = await self._consumer.call(self._log_ends)
+        behind = {p: o for p, o in found.next_offsets.items() if o > ends.get(p, 0)}
+        if behind:
+            log.warning("snapshot is ahead of the log: rebuilding from the start",
+                        snapshot_offsets=behind, log_ends=ends)
+            return
+        self._store.load(found.ids, found.vectors, found.versions)
+        self.next_offsets = dict(found.next_offsets)
+        self.restored_from = "snapshot"
+        log.info("restored snapshot", vectors=len(self._store), offsets=self.next_offsets)
+
+    def _log_ends(self) -> dict[int, int]:
+        """Upper bound of each owned partition's end. Tansu's high watermark can trail the true
+        end by one batch, which only makes us rebuild when we did not have to: never unsafe."""
+        kafka = self._consumer.consumer
+        ends = {}
+        for p in self.partitions:
+            tp = TopicPartition(self._s.vectors_topic, p)
+            ends[p] = kafka.get_watermark_offsets(tp, timeout=5.0, cached=False)[1]
+        return ends
+
+    async def snapshot(self) -> None:
+        """Write a consistent cut now (content and offsets copied together on this loop)."""
+        self._last_snapshot = time.monotonic()
+        if self._s.snapshot_dir is None or not self._changed_since_snapshot:
+            return
+        ids, vectors, versions = self._store.export()
+        cut = Snapshot(
+            ids=ids, vectors=vectors, versions=versions, next_offsets=dict(self.next_offsets),
+            topic=self._s.vectors_topic, num_shards=self._s.num_shards, shard_id=self._s.shard_id,
+        )
+        self._changed_since_snapshot = False
+        path = await asyncio.to_thread(
+            write_snapshot, self._s.snapshot_dir, cut, self._s.snapshot_keep
+        )
+        log.info("snapshot written", path=str(path), vectors=len(ids))
 
     def _apply(self, message: Message) -> None:
         partition, offset = message.partition() or 0, message.offset() or 0
         self.next_offsets[partition] = offset + 1
+        self._changed_since_snapshot = True
         try:
             record = VectorRecord.from_wire(message.value() or b"")
             applied = self._store.apply(record)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from vitrine.settings import CommonSettings
@@ -11,6 +13,9 @@ class ShardSettings(CommonSettings):
     shard_port: int = Field(default=8100, ge=0, le=65535)
     consume_batch: int = Field(default=500, ge=1)
     use_gpu: bool | None = Field(default=None, description="None: use a GPU when FAISS sees one")
+    snapshot_dir: Path | None = Field(default=None, description="unset: no snapshots")
+    snapshot_interval_s: float = Field(default=60.0, gt=0, description="while content changes")
+    snapshot_keep: int = Field(default=2, ge=1)
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> ShardSettings:

@@ -35,6 +35,21 @@ class ShardStore:
         self.versions[record.product_id] = record.version
         return True
 
+    def export(self) -> tuple[list[str], np.ndarray, dict[str, int]]:
+        """(ids, vectors, versions) copied now: with the consumed offsets, a consistent cut."""
+        if self.index is None:
+            return [], np.zeros((0, 0), dtype=np.float32), dict(self.versions)
+        ids, vectors = self.index.export()
+        return ids, vectors, dict(self.versions)
+
+    def load(self, ids: list[str], vectors: np.ndarray, versions: dict[str, int]) -> None:
+        """Replace the content with a snapshot's."""
+        self.index = ExactIndex.from_arrays(ids, vectors, self._use_gpu) if ids else None
+        self.versions = dict(versions)
+
+    def clear(self) -> None:
+        self.index, self.versions = None, {}
+
     def nbytes(self) -> int:
         return self.index.nbytes() if self.index is not None else 0
 
