@@ -41,6 +41,7 @@ def up(
     """Start the local stack (Tansu, Redis, shards, encoder, router) until Ctrl-C."""
     stack = LocalStack(_stack_settings(shards, port, file_root))
     stack.start()
+    stack.supervise()
     typer.echo(f"Vitrine is up: {stack.router_url}/search?q=red+shoes  (Ctrl-C to stop)")
     typer.echo(f"broker {stack.kafka_bootstrap}  redis {stack.redis_url}  logs {stack.log_dir}")
     _wait_for_signal()

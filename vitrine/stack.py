@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ class Child:
     health_url: str | None
     process: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = None
+    wanted: bool = False  # should be running: the supervisor restarts it if it dies
+    started_at: float = 0.0
+    failures: int = 0  # consecutive early deaths, for the restart backoff
+    restart_at: float | None = None
 
 
 def free_port() -> int:
@@ -89,6 +94,13 @@ class LocalStack:
         self.shard_urls: list[str] = []
         self.encoder_url = ""
         self.log_dir = settings.state_dir / "logs"
+        self.lock = threading.RLock()  # the supervisor thread and callers start/stop children
+        self._supervisor: Supervisor | None = None
+
+    def supervise(self, **backoff: float) -> None:
+        """Restart children that die, as Kubernetes would (see `Supervisor`)."""
+        self._supervisor = Supervisor(self, **backoff)
+        self._supervisor.start()
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -165,15 +177,19 @@ class LocalStack:
 
     def start_child(self, name: str, wait: bool = True) -> None:
         child = self.children[name]
-        child.log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
-        child.process = subprocess.Popen(
-            child.args,
-            env={**os.environ, **child.env},
-            stdout=child.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches `vitrine up`, which stops us in order
-            preexec_fn=_die_with_parent,
-        )
+        with self.lock:
+            if child.log_file is not None:
+                child.log_file.close()
+            child.log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
+            child.process = subprocess.Popen(
+                child.args,
+                env={**os.environ, **child.env},
+                stdout=child.log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches `vitrine up`, which stops us in order
+                preexec_fn=_die_with_parent,
+            )
+            child.wanted, child.started_at, child.restart_at = True, time.monotonic(), None
         log.info("started", service=name, pid=child.process.pid)
         if wait:
             self.wait_ready(name)
@@ -197,21 +213,25 @@ class LocalStack:
 
     def stop_child(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
         child = self.children[name]
-        process = child.process
-        if process is not None and process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if child.log_file is not None:
-            child.log_file.close()
-            child.log_file = None
+        with self.lock:
+            child.wanted = False
+            process = child.process
+            if process is not None and process.poll() is None:
+                process.send_signal(sig)
+                try:
+                    process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if child.log_file is not None:
+                child.log_file.close()
+                child.log_file = None
         log.info("stopped", service=name)
 
     def stop(self) -> None:
         """Front to back: router and encoder first, then shards, then Redis and the broker."""
+        if self._supervisor is not None:
+            self._supervisor.stop()
         for name in reversed(list(self.children)):
             self.stop_child(name)
         path = run_file(self.settings.state_dir)
@@ -258,3 +278,65 @@ def _wait_for_port(port: int, timeout_s: float, child: Child) -> None:
         except OSError:
             time.sleep(0.05)
     raise VitrineError(f"{child.name} did not listen on port {port} within {timeout_s}s")
+
+
+class Supervisor:
+    """Restarts a child that died, with exponential backoff, and logs it.
+
+    A child stopped on purpose (`stop_child`) is left alone. The backoff resets once a child
+    has stayed up for `healthy_after_s`. A restarted shard recovers from its snapshot and the
+    log; a restarted embedded broker or Redis comes back empty (memory storage), which the
+    shards detect and rebuild from.
+    """
+
+    def __init__(
+        self,
+        stack: LocalStack,
+        base_delay_s: float = 1.0,
+        max_delay_s: float = 30.0,
+        healthy_after_s: float = 60.0,
+        period_s: float = 0.5,
+    ) -> None:
+        self._stack = stack
+        self._base, self._max, self._healthy = base_delay_s, max_delay_s, healthy_after_s
+        self._period = period_s
+        self._stopping = threading.Event()
+        # children it restarts get PDEATHSIG bound to this thread, which lives until stop()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self.restarts: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._period):
+            for name in list(self._stack.children):
+                self.check(name, time.monotonic())
+
+    def check(self, name: str, now: float) -> None:
+        stack = self._stack
+        with stack.lock:
+            child = stack.children[name]
+            if not child.wanted or child.process is None:
+                return
+            code = child.process.poll()
+            if code is None:
+                if now - child.started_at >= self._healthy:
+                    child.failures = 0
+                return
+            if child.restart_at is None:
+                child.failures += 1
+                delay = min(self._max, self._base * 2 ** (child.failures - 1))
+                child.restart_at = now + delay
+                log.warning("child died", service=name, exit_code=code, restart_in_s=delay)
+                return
+            if now < child.restart_at:
+                return
+            stack.start_child(name, wait=False)
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("child restarted", service=name, restarts=self.restarts[name])
