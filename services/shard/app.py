@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import msgpack
 import structlog
 from aiohttp import web
 from confluent_kafka import Consumer
@@ -36,7 +37,15 @@ async def create_app(settings: ShardSettings) -> web.Application:
     app.cleanup_ctx.append(_replicator)
     app.router.add_post("/search", search)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/content", content)
     return app
+
+
+async def content(request: web.Request) -> web.Response:
+    """Every live product with its version (msgpack map): to audit a shard against the log."""
+    return web.Response(
+        body=msgpack.packb(request.app[STORE].live_versions()), content_type=MSGPACK
+    )
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -35,6 +35,13 @@ class ShardStore:
         self.versions[record.product_id] = record.version
         return True
 
+    def live_versions(self) -> dict[str, int]:
+        """product_id -> version of every product this shard would return: for audits."""
+        if self.index is None:
+            return {}
+        ids, _ = self.index.export()
+        return {pid: self.versions[pid] for pid in ids}
+
     def export(self) -> tuple[list[str], np.ndarray, dict[str, int]]:
         """(ids, vectors, versions) copied now: with the consumed offsets, a consistent cut."""
         if self.index is None:
