@@ -15,10 +15,12 @@ import structlog
 from aiohttp import web
 
 from proto.search import SearchRequest
+from services.router.encoding import QueryEncoder
 from services.router.fanout import fan_out
 from services.router.merge import merge_topk
-from services.router.metrics import RouterMetrics
+from services.router.metrics import EncodingMetrics, RouterMetrics
 from services.router.query import Query, query_from_body, query_from_params
+from services.router.replicas import ReplicaSet
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
 from vitrine.fetch import ImageFetcher, make_session
@@ -33,13 +35,16 @@ MODEL = web.AppKey("model", DualEncoder)
 METADATA = web.AppKey("metadata", MetadataStore)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
+REPLICAS = web.AppKey("replicas", ReplicaSet)
+QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
 
 
 async def create_app(settings: RouterSettings) -> web.Application:
     app = base_app("router")
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics(app[REGISTRY])
-    app.cleanup_ctx.extend([_model, _redis, _shard_session, _image_session])
+    app[REPLICAS] = ReplicaSet.from_urls(settings.shard_replicas(), settings.replica_policy())
+    app.cleanup_ctx.extend([_model, _query_encoder, _redis, _shard_session, _image_session])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
     add_storefront_routes(app)
@@ -63,12 +68,12 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
     settings, metrics = app[SETTINGS], app[METRICS]
     deadline = started + settings.deadline_ms / 1000
     with metrics.stage_seconds.labels("encode").time():
-        vector = await _encode(app[MODEL], query)
+        vector = await _encode(app[QUERY_ENCODER], query)
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
     budget_ms = max(1.0, (deadline - time.monotonic()) * 1000)
     shard_query = SearchRequest.build(vector, query.k, budget_ms, request_id)
     with metrics.stage_seconds.labels("fanout").time():
-        fanned = await fan_out(app[SHARDS], settings.shard_urls, shard_query, deadline)
+        fanned = await fan_out(app[SHARDS], app[REPLICAS], shard_query, deadline, metrics)
     with metrics.stage_seconds.labels("merge").time():
         hits = merge_topk(fanned.responses, query.k)
     with metrics.stage_seconds.labels("hydrate").time():
@@ -99,11 +104,12 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
     }
 
 
-async def _encode(model: DualEncoder, query: Query) -> np.ndarray:
+async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
+    """The query as a (1, dim) matrix: text through the cache and batcher, images directly."""
     if query.text is not None:
-        return await asyncio.to_thread(model.encode_texts, [query.text])
+        return (await encoder.encode_text(query.text))[np.newaxis]
     assert query.image is not None
-    return await asyncio.to_thread(model.encode_images, [query.image])
+    return await asyncio.to_thread(encoder.model.encode_images, [query.image])
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
@@ -113,6 +119,17 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     app[READINESS].set_ready()
     log.info("model loaded", model_id=model.model_id)
     yield
+
+
+async def _query_encoder(app: web.Application) -> AsyncIterator[None]:
+    """Text query encoding, with its own Redis client: the cache is optional, metadata is not."""
+    settings = app[SETTINGS]
+    client = aioredis.from_url(settings.redis_url)
+    encoder = QueryEncoder(app[MODEL], client, settings, EncodingMetrics(app[REGISTRY]))
+    app[QUERY_ENCODER] = encoder
+    yield
+    await encoder.aclose()
+    await client.aclose()
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -39,9 +40,15 @@ ROWS = (400, 460)  # of products.csv: the e2e module owns rows 0-300
 K = 24  # what the page asks for
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
     # without these Chromium dials out at start and this closed network refuses it
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 UI_TIMEOUT_MS = 30_000  # the suite shares a few cores with model loads and encoding
 
@@ -77,20 +84,23 @@ def _synthetic(product_id: str, path: Path, colour: tuple[int, int, int]) -> Cat
     image.paste((255 - colour[0], 40, 90), (10, 20, 50, 60))  # not a flat image: no ties
     image.save(path, format="PNG")  # whatever the .jpg name says
     return CatalogEvent(
-        op="upsert", product_id=product_id, version=1, image_uri=path.as_uri(),
+        op="upsert",
+        product_id=product_id,
+        version=1,
+        image_uri=path.as_uri(),
         title=f"Storefront test swatch {product_id}",
     )
 
 
 @pytest.fixture(scope="module")
 def catalog(stack: LocalStack, fashion_data: Path, image_root: Path) -> Catalog:
-    rows = list(itertools.islice(events_from_csv(fashion_data / "products.csv", image_root),
-                                 *ROWS))
+    rows = list(itertools.islice(events_from_csv(fashion_data / "products.csv", image_root), *ROWS))
     for event in rows:
         stage_image(fashion_data, image_root, event.product_id)
     png = _synthetic("storefront-png", image_root / "storefront-png.jpg", (20, 160, 120))
-    vanished = _synthetic("storefront-vanished", image_root / "storefront-vanished.jpg",
-                          (200, 120, 30))
+    vanished = _synthetic(
+        "storefront-vanished", image_root / "storefront-vanished.jpg", (200, 120, 30)
+    )
     s = stack.settings
     publisher = EventPublisher(stack.kafka_bootstrap, s.events_topic, s.event_partitions)
     for event in [*rows, png, vanished]:
@@ -112,8 +122,10 @@ def catalog(stack: LocalStack, fashion_data: Path, image_root: Path) -> Catalog:
         CatalogEvent(op="delete", product_id=doomed.product_id, version=doomed.version + 1)
     )
     publisher.flush()
-    eventually(lambda: get(f"{stack.router_url}/images/{doomed.product_id}").status == 404,
-               what="the deleted product's image to be gone")
+    eventually(
+        lambda: get(f"{stack.router_url}/images/{doomed.product_id}").status == 404,
+        what="the deleted product's image to be gone",
+    )
     (image_root / "storefront-vanished.jpg").unlink()
     return Catalog(rows[:-1], doomed.product_id, png.product_id, vanished.product_id)
 
@@ -174,8 +186,9 @@ def test_unknown_and_deleted_products_get_a_404(
     assert fetched.json() == {"error": f"no product {pid!r}"}
 
 
-@pytest.mark.parametrize("raw", ["bad%20id", "a%2Fb", "..%2F..%2Fetc%2Fpasswd", "x" * 129,
-                                 "%3Cscript%3E"])
+@pytest.mark.parametrize(
+    "raw", ["bad%20id", "a%2Fb", "..%2F..%2Fetc%2Fpasswd", "x" * 129, "%3Cscript%3E"]
+)
 def test_malformed_product_ids_get_a_400(stack: LocalStack, raw: str) -> None:
     fetched = get(f"{stack.router_url}/images/{raw}")
     assert fetched.status == 400
@@ -246,11 +259,15 @@ def screenshot(page: Page, artifacts: Path, name: str) -> Path:
 
 def settled(page: Page) -> None:
     """The last answer is painted and every product picture has loaded or failed."""
-    expect(page.locator("#results")).not_to_have_attribute("aria-busy", "true",
-                                                           timeout=UI_TIMEOUT_MS)
-    page.wait_for_function(
-        "[...document.querySelectorAll('#grid img')].every((img) => img.complete)"
+    expect(page.locator("#results")).not_to_have_attribute(
+        "aria-busy", "true", timeout=UI_TIMEOUT_MS
     )
+    # polled from here: wait_for_function compiles its predicate with eval, which the page's
+    # Content-Security-Policy (rightly) forbids
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+    while not page.evaluate("[...document.querySelectorAll('#grid img')].every((i) => i.complete)"):
+        assert time.monotonic() < deadline, "product pictures did not finish loading"
+        page.wait_for_timeout(50)
 
 
 def search_in_page(page: Page, text: str) -> None:
@@ -260,14 +277,13 @@ def search_in_page(page: Page, text: str) -> None:
 
 def _image_digests(image_root: Path) -> Counter[bytes]:
     return Counter(
-        hashlib.sha256(path.read_bytes()).digest() for path in image_root.iterdir()
+        hashlib.sha256(path.read_bytes()).digest()
+        for path in image_root.iterdir()
         if path.is_file()
     )
 
 
-def pick_product_with_a_unique_picture(
-    router: str, shown: list[str], image_root: Path
-) -> str:
+def pick_product_with_a_unique_picture(router: str, shown: list[str], image_root: Path) -> str:
     """A product on the page whose picture no other indexed product has (the dataset has
     duplicates), so image search must rank it first. Every indexed image is a file below
     image_root: the only file:// root, and loopback/private hosts are refused."""
@@ -360,7 +376,10 @@ def test_a_partial_answer_names_the_missing_shard(
         screenshot(page, artifacts, "5-partial")
     finally:
         stack.start_child("shard-1")
-    eventually(lambda: not search_text(stack.router_url, "blue shirt", k=5)["partial"],
-               timeout_s=30, what="shard 1 to answer again")
+    eventually(
+        lambda: not search_text(stack.router_url, "blue shirt", k=5)["partial"],
+        timeout_s=30,
+        what="shard 1 to answer again",
+    )
     search_in_page(page, "blue shirt")
     expect(notice).to_be_hidden(timeout=UI_TIMEOUT_MS)
