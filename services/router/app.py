@@ -19,7 +19,7 @@ from services.router.encoding import QueryEncoder
 from services.router.fanout import fan_out
 from services.router.merge import merge_topk
 from services.router.metrics import EncodingMetrics, RouterMetrics
-from services.router.query import Query, query_from_body, query_from_params
+from services.router.query import Query, budget_ms, query_from_body, query_from_params
 from services.router.replicas import ReplicaSet
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
@@ -35,6 +35,7 @@ MODEL = web.AppKey("model", DualEncoder)
 METADATA = web.AppKey("metadata", MetadataStore)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
+SHARD_SIZES = web.AppKey("shard_sizes", dict[int, int])  # last vectors count per shard
 REPLICAS = web.AppKey("replicas", ReplicaSet)
 QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
 
@@ -43,6 +44,7 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app = base_app("router")
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics(app[REGISTRY])
+    app[SHARD_SIZES] = {}
     app[REPLICAS] = ReplicaSet.from_urls(settings.shard_replicas(), settings.replica_policy())
     app.cleanup_ctx.extend([_model, _query_encoder, _redis, _shard_session, _image_session])
     app.router.add_get("/search", search_get)
@@ -64,14 +66,15 @@ async def search_post(request: web.Request) -> web.Response:
 
 
 async def answer(request: web.Request, query: Query, started: float) -> dict[str, Any]:
+    """One deadline end to end: encoding spends from it and the shards get what is left."""
     app = request.app
     settings, metrics = app[SETTINGS], app[METRICS]
-    deadline = started + settings.deadline_ms / 1000
+    deadline = started + budget_ms(request, settings) / 1000
     with metrics.stage_seconds.labels("encode").time():
         vector = await _encode(app[QUERY_ENCODER], query)
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
-    budget_ms = max(1.0, (deadline - time.monotonic()) * 1000)
-    shard_query = SearchRequest.build(vector, query.k, budget_ms, request_id)
+    left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
+    shard_query = SearchRequest.build(vector, query.k, left_ms, request_id)
     with metrics.stage_seconds.labels("fanout").time():
         fanned = await fan_out(app[SHARDS], app[REPLICAS], shard_query, deadline, metrics)
     with metrics.stage_seconds.labels("merge").time():
@@ -80,6 +83,9 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
         found = await app[METADATA].get_many([hit.product_id for hit in hits])
     for shard in fanned.missing:
         metrics.shard_failures.labels(str(shard)).inc()
+    sizes = app[SHARD_SIZES]
+    sizes.update({r.shard_id: r.searched for r in fanned.responses})
+    searched = sum(r.searched for r in fanned.responses)
     partial = bool(fanned.missing)
     metrics.queries.labels("text" if query.text else "image", str(not partial).lower()).inc()
     return {
@@ -95,12 +101,21 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
         ],
         "partial": partial,
         "missing_shards": sorted(fanned.missing),
-        "coverage": {
-            "shards_answered": len(fanned.responses),
-            "shards_total": len(settings.shard_urls),
-            "vectors_searched": sum(r.searched for r in fanned.responses),
-        },
+        "coverage": coverage(len(fanned.responses), len(settings.shard_urls), searched, sizes),
         "took_ms": round((time.monotonic() - started) * 1000, 3),
+    }
+
+
+def coverage(answered: int, shards: int, searched: int, sizes: dict[int, int]) -> dict[str, Any]:
+    """Like Vespa's coverage report: how much of the catalog this answer looked at. A missing
+    shard counts with the size it last reported (0 if it never answered)."""
+    total = max(searched, sum(sizes.values()))
+    return {
+        "shards_answered": answered,
+        "shards_total": shards,
+        "vectors_searched": searched,
+        "vectors_total": total,
+        "ratio": round(searched / total, 6) if total else float(answered == shards),
     }
 
 

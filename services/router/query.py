@@ -46,6 +46,27 @@ async def query_from_body(request: web.Request, settings: RouterSettings) -> Que
     return Query(k=k, image=_image(body["image_b64"], settings))
 
 
+BUDGET_HEADER = "X-Vitrine-Budget-Ms"
+
+
+def budget_ms(request: web.Request, settings: RouterSettings) -> float:
+    """The client's end-to-end budget (header, or `budget_ms` parameter), else the setting.
+
+    Capped at `max_budget_ms`: a client can ask for less time than the default, or a bit more
+    for a batch job, but cannot pin router and shard resources indefinitely.
+    """
+    raw = request.headers.get(BUDGET_HEADER) or request.query.get("budget_ms")
+    if raw is None:
+        return settings.deadline_ms
+    try:
+        budget = float(raw)
+    except ValueError as exc:
+        raise InvalidQuery(f"budget must be a number of milliseconds, got {raw!r}") from exc
+    if not 0 < budget <= settings.max_budget_ms:
+        raise InvalidQuery(f"budget must be in (0, {settings.max_budget_ms:g}] ms, got {raw}")
+    return budget
+
+
 def _k(raw: Any, settings: RouterSettings) -> int:
     if raw is None:
         return settings.default_k

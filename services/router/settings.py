@@ -41,6 +41,9 @@ class RouterSettings(CommonSettings):
         "comma-separated in the env: 'http://a0:8100|http://a1:8100,http://b0:8100'",
     )
     deadline_ms: float = Field(default=80.0, gt=0, description="end-to-end budget of a query")
+    max_budget_ms: float = Field(
+        default=2000.0, gt=0, description="the most a client may ask for with its own budget"
+    )
     max_k: int = Field(default=100, ge=1, le=1000)
     default_k: int = Field(default=10, ge=1)
     max_query_chars: int = Field(default=512, ge=1)

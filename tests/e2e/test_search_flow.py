@@ -242,6 +242,9 @@ def test_router_answers_partial_when_a_shard_is_stopped(
         assert answer["partial"] is True
         assert answer["missing_shards"] == [1]
         assert answer["coverage"]["shards_answered"] == 1
+        coverage = answer["coverage"]
+        assert coverage["vectors_searched"] < coverage["vectors_total"]  # shard 1's last size
+        assert 0 < coverage["ratio"] < 1
         assert 0 < len(answer["results"]) <= 5
         assert time.monotonic() - started < stack.settings.deadline_ms / 1000 + 5
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import time
 import urllib.error
 import urllib.request
 
@@ -57,3 +59,28 @@ def test_services_expose_probes_and_metrics(stack: LocalStack) -> None:
         assert http_json(f"{url}/readyz")[0] == 200
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             assert b"vitrine_http_request_duration_seconds" in response.read()
+
+
+@pytest.mark.parametrize("budget", ["soon", "0", "-5", "100000"])
+def test_a_bad_client_budget_gets_a_400(stack: LocalStack, budget: str) -> None:
+    status, answer = http_json(f"{stack.router_url}/search?q=boots&budget_ms={budget}")
+    assert status == 400 and "budget" in answer["error"]
+
+
+def test_a_client_budget_too_small_for_any_shard_gives_a_partial_answer(
+    stack: LocalStack,
+) -> None:
+    request = urllib.request.Request(
+        f"{stack.router_url}/search?q=never+cached+{time.monotonic_ns()}&k=3",
+        headers={"X-Vitrine-Budget-Ms": "0.01"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert answer["partial"] is True
+    assert answer["missing_shards"] == list(range(stack.settings.num_shards))
+    assert answer["results"] == [] and answer["coverage"]["shards_answered"] == 0
+
+
+def test_a_client_budget_within_bounds_is_honoured(stack: LocalStack) -> None:
+    status, answer = http_json(f"{stack.router_url}/search?q=boots&k=2&budget_ms=1500")
+    assert status == 200 and not answer["partial"]
