@@ -39,6 +39,7 @@ class StackSettings(CommonSettings):
     redis_url: str | None = Field(default=None, description="unset: start a redis-server")  # type: ignore[assignment]
     router_port: int = Field(default=8080, ge=0, le=65535, description="0: any free port")
     num_shards: int = Field(default=2, ge=1)
+    shard_replicas: int = Field(default=1, ge=1, description="processes serving each shard")
     deadline_ms: float = Field(default=80.0, gt=0)
     state_dir: Path = Field(
         default=Path.home() / ".vitrine", description="run file, logs and local data"
@@ -91,7 +92,8 @@ class LocalStack:
         self.kafka_bootstrap = settings.kafka_bootstrap or ""
         self.redis_url = settings.redis_url or ""
         self.router_url = ""
-        self.shard_urls: list[str] = []
+        self.shard_urls: list[str] = []  # the first replica of each shard
+        self.replica_urls: list[list[str]] = []  # every replica, per shard
         self.encoder_url = ""
         self.log_dir = settings.state_dir / "logs"
         self.lock = threading.RLock()  # the supervisor thread and callers start/stop children
@@ -144,20 +146,26 @@ class LocalStack:
         common = self._common_env()
         python = [sys.executable, "-m"]
         for shard in range(s.num_shards):
-            port = free_port()
-            self.shard_urls.append(f"http://127.0.0.1:{port}")
-            env = {"VITRINE_SHARD_ID": str(shard), "VITRINE_NUM_SHARDS": str(s.num_shards),
-                   "VITRINE_SHARD_PORT": str(port),
-                   "VITRINE_SNAPSHOT_DIR": str(s.state_dir / "snapshots" / f"shard-{shard}")}
-            self._add(f"shard-{shard}", [*python, "services.shard"], {**common, **env},
-                      f"{self.shard_urls[-1]}/readyz")
+            urls = []
+            for replica in range(s.shard_replicas):
+                name = f"shard-{shard}" if replica == 0 else f"shard-{shard}-r{replica}"
+                port = free_port()
+                urls.append(f"http://127.0.0.1:{port}")
+                env = {"VITRINE_SHARD_ID": str(shard), "VITRINE_NUM_SHARDS": str(s.num_shards),
+                       "VITRINE_SHARD_PORT": str(port),
+                       "VITRINE_SNAPSHOT_DIR": str(s.state_dir / "snapshots" / name)}
+                self._add(name, [*python, "services.shard"], {**common, **env},
+                          f"{urls[-1]}/readyz")
+            self.replica_urls.append(urls)
+            self.shard_urls.append(urls[0])
         port = free_port()
         self.encoder_url = f"http://127.0.0.1:{port}"
         self._add("encoder", [*python, "services.encoder"],
                   {**common, "VITRINE_ENCODER_PORT": str(port)}, f"{self.encoder_url}/readyz")
         port = s.router_port or free_port()
         self.router_url = f"http://127.0.0.1:{port}"
-        env = {"VITRINE_ROUTER_PORT": str(port), "VITRINE_SHARD_URLS": ",".join(self.shard_urls)}
+        shards = ",".join("|".join(urls) for urls in self.replica_urls)
+        env = {"VITRINE_ROUTER_PORT": str(port), "VITRINE_SHARD_URLS": shards}
         self._add("router", [*python, "services.router"], {**common, **env},
                   f"{self.router_url}/readyz")
 
@@ -246,6 +254,7 @@ class LocalStack:
             "router_url": self.router_url,
             "encoder_url": self.encoder_url,
             "shard_urls": self.shard_urls,
+            "replica_urls": self.replica_urls,
             "events_topic": self.settings.events_topic,
             "event_partitions": self.settings.event_partitions,
         }
