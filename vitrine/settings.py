@@ -51,6 +51,11 @@ class CommonSettings(BaseSettings):
     max_image_bytes: int = Field(default=10 * 1024**2, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
+    compute_threads: int | None = Field(
+        default=None, ge=1,
+        description="FAISS/torch threads in this process (unset: all cores); processes that "
+        "share cores must split them, or their thread pools fight (see README)",
+    )
     log_level: str = "INFO"
     log_json: bool = True
     host: str = "127.0.0.1"

@@ -175,6 +175,9 @@ class LocalStack:
         for name in CommonSettings.model_fields:
             value = getattr(self.settings, name)
             env[f"VITRINE_{name.upper()}"] = "" if value is None else str(value)
+        if self.settings.compute_threads is None:  # every process here shares this machine
+            processes = self.settings.num_shards * self.settings.shard_replicas + 2
+            env["VITRINE_COMPUTE_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         env["VITRINE_KAFKA_BOOTSTRAP"] = self.kafka_bootstrap
         env["VITRINE_REDIS_URL"] = self.redis_url
         env["VITRINE_DEADLINE_MS"] = str(self.settings.deadline_ms)

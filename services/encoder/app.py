@@ -19,7 +19,7 @@ from vitrine.fetch import ImageFetcher, make_session
 from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics, producer_config
 from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
-from vitrine.service import READINESS, REGISTRY, background, base_app
+from vitrine.service import READINESS, REGISTRY, background, base_app, limit_compute_threads
 
 log = structlog.get_logger()
 
@@ -48,6 +48,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
     app[MODEL] = await asyncio.to_thread(load_dual_encoder, app[SETTINGS].model_spec())
+    limit_compute_threads(app[SETTINGS].compute_threads)
     log.info("model loaded", model_id=app[MODEL].model_id, dim=app[MODEL].dim)
     yield
 

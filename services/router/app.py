@@ -26,7 +26,13 @@ from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storef
 from vitrine.fetch import ImageFetcher, make_session
 from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
-from vitrine.service import READINESS, REGISTRY, REQUEST_ID_HEADER, base_app
+from vitrine.service import (
+    READINESS,
+    REGISTRY,
+    REQUEST_ID_HEADER,
+    base_app,
+    limit_compute_threads,
+)
 
 log = structlog.get_logger()
 
@@ -129,6 +135,7 @@ async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
     model = await asyncio.to_thread(load_dual_encoder, app[SETTINGS].model_spec())
+    limit_compute_threads(app[SETTINGS].compute_threads)
     await asyncio.to_thread(model.encode_texts, ["warm up"])  # first call pays one-off costs
     app[MODEL] = model
     app[READINESS].set_ready()

@@ -17,7 +17,7 @@ from services.shard.replicator import VectorReplicator
 from services.shard.settings import ShardSettings
 from services.shard.store import ShardStore
 from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics
-from vitrine.service import READINESS, REGISTRY, background, base_app
+from vitrine.service import READINESS, REGISTRY, background, base_app, limit_compute_threads
 
 log = structlog.get_logger()
 
@@ -31,6 +31,7 @@ MSGPACK = "application/msgpack"
 
 async def create_app(settings: ShardSettings) -> web.Application:
     app = base_app("shard")
+    limit_compute_threads(settings.compute_threads)
     app[SETTINGS] = settings
     app[STORE] = ShardStore(use_gpu=settings.use_gpu)
     app[METRICS] = ShardMetrics(app[REGISTRY], settings.shard_id)
