@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -321,15 +322,28 @@ def test_one_image_with_the_gpu_build_for_encoder_and_shard_in_prod(rendered: Re
 # --- settings the services will read ---------------------------------------------------------
 
 
+def _downward(rendered: Rendered, role: str, key: str, ref: dict[str, Any], ordinal: int) -> str:
+    """The value the downward API gives: the shard's pod index, or this container's CPU limit
+    rounded up (the only two references the manifests are expected to use)."""
+    if key == "VITRINE_SHARD_ID":
+        assert ref == {
+            "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+        }, f"{role}: {key} from {ref}"
+        return str(ordinal)
+    field = ref.get("resourceFieldRef")
+    assert key == "VITRINE_COMPUTE_THREADS" and field is not None, f"{role}: {key} from {ref}"
+    assert field == {"containerName": role, "resource": "limits.cpu", "divisor": "1"}, field
+    limit = str(rendered.container(role)["resources"]["limits"]["cpu"])
+    cores = float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    return str(max(1, math.ceil(cores)))
+
+
 def role_settings(rendered: Rendered, role: str, ordinal: int = 0) -> Any:
     """Build the role's real settings class from the environment its container gets."""
     env: dict[str, str] = {}
     for key, value in rendered.env(role).items():
-        if isinstance(value, dict):  # valueFrom: only the shard's pod index is expected
-            assert value == {
-                "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
-            }, f"{role}: {key} from {value}"
-            value = str(ordinal)
+        if isinstance(value, dict):  # valueFrom: resolved as the kubelet would
+            value = _downward(rendered, role, key, value, ordinal)
         env[key] = value
     saved = {k: v for k, v in os.environ.items() if k.startswith("VITRINE_")}
     for key in saved:
@@ -454,3 +468,11 @@ def test_the_dockerfile_builds_one_non_root_image_for_every_role() -> None:
     assert re.search(r'^ENTRYPOINT \["python", "-m"\]$', text, re.M)
     assert re.search(r'^CMD \["services\.router"\]$', text, re.M)
     assert "-e ." not in text and "--editable" not in text, "install the project non-editable"
+
+
+@pytest.mark.parametrize("role", ["encoder", "shard", "router"])
+def test_compute_threads_follow_the_cpu_limit(rendered: Rendered, role: str) -> None:
+    settings = role_settings(rendered, role)
+    limit = str(rendered.container(role)["resources"]["limits"]["cpu"])
+    cores = float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    assert settings.compute_threads == max(1, math.ceil(cores))
