@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import threading
@@ -120,6 +121,11 @@ def demo(
         for text in ("red dress", "men black leather shoes", "blue denim jeans"):
             typer.echo(f"\n$ vitrine search {text!r}")
             _print_answer(query_router(stack.router_url, text, 5))
+        # text relevance needs the trained projection (`vitrine train`); image search works now
+        first = next(events_from_csv(data / "products.csv", data / "images", 1))
+        picture = data / "images" / f"{first.product_id}.jpg"
+        typer.echo(f"\nshop the look: POST /search with the picture of {first.product_id}")
+        _print_answer(query_router_image(stack.router_url, picture, 5))
     finally:
         stack.stop()
 
@@ -140,6 +146,15 @@ def wait_until_indexed(stack: LocalStack, published: int, timeout_s: float = 600
 def query_router(router_url: str, text: str, k: int) -> dict[str, Any]:
     params = urllib.parse.urlencode({"q": text, "k": k})
     return _get_json(f"{router_url}/search?{params}")
+
+
+def query_router_image(router_url: str, picture: Path, k: int) -> dict[str, Any]:
+    body = json.dumps({"image_b64": base64.b64encode(picture.read_bytes()).decode(), "k": k})
+    request = urllib.request.Request(
+        f"{router_url}/search", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
 
 
 def _print_answer(answer: dict[str, Any]) -> None:
