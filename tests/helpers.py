@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from proto.dlq import DeadLetter
 from vitrine.kafka import consumer_config
@@ -47,6 +48,20 @@ def search_image(router: str, image: Path, k: int = 10) -> dict[str, Any]:
 
 def ids_of(answer: dict[str, Any]) -> list[str]:
     return [hit["product_id"] for hit in answer["results"]]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """A service's /metrics as {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def eventually(check: Callable[[], T | None], timeout_s: float = 120, what: str = "") -> T:

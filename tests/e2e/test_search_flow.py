@@ -6,7 +6,6 @@ import functools
 import hashlib
 import http.server
 import io
-import re
 import threading
 import time
 import urllib.request
@@ -27,6 +26,7 @@ from tests.helpers import (
     eventually,
     http_json,
     ids_of,
+    scrape,
     search_image,
     search_text,
     shard_vectors,
@@ -256,16 +256,13 @@ def test_router_answers_partial_when_a_shard_is_stopped(
 def test_freshness_and_lag_are_measured(stack: LocalStack, catalog: Catalog) -> None:
     freshness = 0.0
     for url in stack.shard_urls:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        match = re.search(r"^vitrine_shard_freshness_seconds_count (\S+)$", text, flags=re.M)
-        assert match, "no freshness histogram"
-        freshness += float(match.group(1))
+        samples = scrape(url)
+        assert ("vitrine_shard_freshness_seconds_count", ()) in samples, "no freshness histogram"
+        freshness += samples["vitrine_shard_freshness_seconds_count", ()]
     assert freshness >= CATALOG_SIZE  # every applied upsert carried its publication time
     eventually(
         lambda: all(
-            http_json(f"{url}/stats")[1]["lag"]
-            and sum(http_json(f"{url}/stats")[1]["lag"].values()) == 0
+            (lag := http_json(f"{url}/stats")[1]["lag"]) and sum(lag.values()) == 0
             for url in [stack.encoder_url, *stack.shard_urls]
         ),
         timeout_s=30,

@@ -12,8 +12,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,12 +21,11 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.router.encoding import QueryEncoder, cache_key
 from services.router.metrics import EncodingMetrics
 from services.router.settings import RouterSettings
-from tests.helpers import search_text
+from tests.helpers import scrape, search_text
 from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder
 from vitrine.stack import LocalStack, free_port
 
@@ -54,8 +51,19 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
+            [
+                server,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -189,9 +197,7 @@ async def test_a_value_of_the_wrong_size_is_a_miss(
     await encoder.aclose()
 
 
-async def test_queries_are_answered_while_redis_is_down(
-    model: DualEncoder, tmp_path: Path
-) -> None:
+async def test_queries_are_answered_while_redis_is_down(model: DualEncoder, tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     client = aioredis.from_url(server.url)
     try:
@@ -224,20 +230,10 @@ def test_keys_keep_case_because_the_tokenizer_cleans_before_lowercasing(
 def test_the_router_answers_a_repeated_query_from_the_cache(stack: LocalStack) -> None:
     text = f"red dress {uuid.uuid4().hex[:8]}"  # no other test has asked it
     search_text(stack.router_url, text, k=3)
-    after_first = router_metrics(stack.router_url)
+    after_first = scrape(stack.router_url)
     search_text(stack.router_url, text, k=3)
-    after_second = router_metrics(stack.router_url)
+    after_second = scrape(stack.router_url)
     runs = "vitrine_router_text_tower_runs_total"
     assert after_second[runs, ()] == after_first[runs, ()]
     hits = ("vitrine_router_query_cache_total", (("layer", "memory"), ("result", "hit")))
     assert after_second[hits] == after_first.get(hits, 0.0) + 1
-
-
-def router_metrics(router_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(urllib.parse.urljoin(router_url, "/metrics"), timeout=10) as r:
-        text = r.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }

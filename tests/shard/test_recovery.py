@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import re
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
-from tests.helpers import eventually, http_json
+from tests.helpers import eventually, http_json, scrape, shard_vectors
 from vitrine.ingest import EventPublisher, events_from_csv
 from vitrine.kafka import partition_for
 from vitrine.stack import LocalStack
@@ -20,14 +18,11 @@ pytestmark = pytest.mark.stack
 
 
 def applied_records(shard_url: str) -> float:
-    with urllib.request.urlopen(f"{shard_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    match = re.search(r'^vitrine_shard_records_total\{outcome="applied"\} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return scrape(shard_url).get(("vitrine_shard_records_total", (("outcome", "applied"),)), 0.0)
 
 
 def vectors(shard_url: str) -> int:
-    return int(http_json(f"{shard_url}/stats")[1]["vectors"])
+    return shard_vectors([shard_url])
 
 
 def test_a_restarted_shard_resumes_from_its_snapshot(
