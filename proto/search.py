@@ -28,6 +28,10 @@ class SearchRequest(BaseModel):
     k: int = Field(ge=1, le=MAX_K)
     budget_ms: float = Field(gt=0, description="Time left for this shard to answer")
     request_id: str = ""
+    filters: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="attribute -> accepted values (any of); all attributes must match",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> SearchRequest:
@@ -37,14 +41,19 @@ class SearchRequest(BaseModel):
 
     @classmethod
     def build(
-        cls, queries: np.ndarray, k: int, budget_ms: float, request_id: str = ""
+        cls,
+        queries: np.ndarray,
+        k: int,
+        budget_ms: float,
+        request_id: str = "",
+        filters: dict[str, list[str]] | None = None,
     ) -> SearchRequest:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2:
             raise ValueError("queries must be a 2-d array (nq, dim)")
         return cls(
             queries=q.tobytes(), nq=q.shape[0], dim=q.shape[1], k=k,
-            budget_ms=budget_ms, request_id=request_id,
+            budget_ms=budget_ms, request_id=request_id, filters=filters or {},
         )
 
     def query_matrix(self) -> np.ndarray:

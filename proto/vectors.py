@@ -31,6 +31,9 @@ class VectorRecord(BaseModel):
     event_time_ms: int = Field(
         default=0, ge=0, description="When the catalog event was published (0: unknown)"
     )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="The event's attributes: what shards filter on"
+    )
 
     @model_validator(mode="after")
     def _vector_matches_dim(self) -> VectorRecord:
@@ -53,12 +56,13 @@ class VectorRecord(BaseModel):
         vector: np.ndarray,
         dtype: Literal["f16", "f32"] = "f32",
         event_time_ms: int = 0,
+        attributes: dict[str, str] | None = None,
     ) -> VectorRecord:
         data = np.ascontiguousarray(vector, dtype=_DTYPES[dtype]).reshape(-1)
         return cls(
             op="upsert", product_id=product_id, version=version, model_id=model_id,
             dim=int(data.shape[0]), dtype=dtype, vector=data.tobytes(),
-            event_time_ms=event_time_ms,
+            event_time_ms=event_time_ms, attributes=attributes or {},
         )
 
     @classmethod

@@ -51,6 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> Iterato
             "VITRINE_MAX_IMAGE_PIXELS": "10000000",
             "VITRINE_LOG_LEVEL": "DEBUG",  # per-request lines, to follow a request id
             "VITRINE_SNAPSHOT_INTERVAL_S": "2",  # crash tests recover from snapshot + log
+            "VITRINE_SEAL_THRESHOLD": "64",  # every test also exercises sealed segments
         },
     )
     local = LocalStack(settings)

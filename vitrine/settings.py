@@ -41,6 +41,11 @@ class CommonSettings(BaseSettings):
         default="offline", description="pretrained tag, checkpoint path, 'offline' or empty"
     )
     model_seed: int = 0
+    filter_fields: list[str] = Field(
+        default=["gender", "master_category", "sub_category", "article_type", "colour",
+                 "usage", "season"],
+        description="event attributes the shards index for filtered search (JSON list)",
+    )
     # images: the encoder fetches product images, the router serves them and decodes queries
     image_file_root: Path | None = Field(
         default=None, description="file:// image_uris are read only below this directory"

@@ -105,7 +105,7 @@ class EventTransform:
                 out.vectors.append(
                     VectorRecord.upsert(
                         event.product_id, event.version, self._model_id, vector, self._dtype,
-                        event_time_ms=raw.timestamp_ms,
+                        event_time_ms=raw.timestamp_ms, attributes=event.attributes,
                     )
                 )
         return out

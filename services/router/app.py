@@ -80,7 +80,7 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
         vector = await _encode(app[QUERY_ENCODER], query)
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
     left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
-    shard_query = SearchRequest.build(vector, query.k, left_ms, request_id)
+    shard_query = SearchRequest.build(vector, query.k, left_ms, request_id, query.filters)
     with metrics.stage_seconds.labels("fanout").time():
         fanned = await fan_out(app[SHARDS], app[REPLICAS], shard_query, deadline, metrics)
     with metrics.stage_seconds.labels("merge").time():

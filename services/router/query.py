@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -14,17 +14,30 @@ from services.router.settings import RouterSettings
 from vitrine.errors import ImageRejected, InvalidQuery
 from vitrine.images import decode_image
 
+MAX_FILTER_VALUES = 50
+MAX_FILTER_VALUE_CHARS = 128
+
 
 @dataclass(frozen=True)
 class Query:
     k: int
     text: str | None = None
     image: Image.Image | None = None
+    filters: dict[str, list[str]] = field(default_factory=dict)
 
 
 def query_from_params(params: Any, settings: RouterSettings) -> Query:
-    """GET /search?q=<text>&k=<n>"""
-    return Query(k=_k(params.get("k"), settings), text=_text(params.get("q"), settings))
+    """GET /search?q=<text>&k=<n>&colour=Red,Maroon&gender=Women (any filter field)"""
+    filters = {
+        name: [v for value in params.getall(name) for v in value.split(",")]
+        for name in settings.filter_fields
+        if name in params
+    }
+    return Query(
+        k=_k(params.get("k"), settings),
+        text=_text(params.get("q"), settings),
+        filters=_filters(filters, settings),
+    )
 
 
 async def query_from_body(request: web.Request, settings: RouterSettings) -> Query:
@@ -35,15 +48,16 @@ async def query_from_body(request: web.Request, settings: RouterSettings) -> Que
         raise InvalidQuery(f"body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidQuery("body must be a JSON object")
-    unknown = set(body) - {"text", "image_b64", "k"}
+    unknown = set(body) - {"text", "image_b64", "k", "filters"}
     if unknown:
         raise InvalidQuery(f"unknown fields: {sorted(unknown)}")
     if ("text" in body) == ("image_b64" in body):
         raise InvalidQuery('give exactly one of "text" or "image_b64"')
     k = _k(body.get("k"), settings)
+    filters = _filters(body.get("filters", {}), settings)
     if "text" in body:
-        return Query(k=k, text=_text(body["text"], settings))
-    return Query(k=k, image=_image(body["image_b64"], settings))
+        return Query(k=k, text=_text(body["text"], settings), filters=filters)
+    return Query(k=k, image=_image(body["image_b64"], settings), filters=filters)
 
 
 BUDGET_HEADER = "X-Vitrine-Budget-Ms"
@@ -81,6 +95,33 @@ def _k(raw: Any, settings: RouterSettings) -> int:
     if not 1 <= k <= settings.max_k:
         raise InvalidQuery(f"k must be between 1 and {settings.max_k}, got {k}")
     return k
+
+
+def _filters(raw: Any, settings: RouterSettings) -> dict[str, list[str]]:
+    """{"colour": ["Red", "Maroon"], "gender": "Women"}: any value of each, all fields."""
+    if not isinstance(raw, dict):
+        raise InvalidQuery('filters must be an object like {"colour": ["Red"]}')
+    filters = {}
+    for name, values in raw.items():
+        if name not in settings.filter_fields:
+            raise InvalidQuery(
+                f"cannot filter on {name!r}: filterable fields are "
+                f"{', '.join(settings.filter_fields)}"
+            )
+        listed = [values] if isinstance(values, str) else values
+        if not isinstance(listed, list) or not listed or not all(
+            isinstance(v, str) and v.strip() for v in listed
+        ):
+            raise InvalidQuery(f"filter {name!r} needs one or more non-empty strings")
+        if len(listed) > MAX_FILTER_VALUES or any(
+            len(v) > MAX_FILTER_VALUE_CHARS for v in listed
+        ):
+            raise InvalidQuery(
+                f"filter {name!r}: at most {MAX_FILTER_VALUES} values of "
+                f"{MAX_FILTER_VALUE_CHARS} characters"
+            )
+        filters[name] = [v.strip() for v in listed]
+    return filters
 
 
 def _text(raw: Any, settings: RouterSettings) -> str:

@@ -33,7 +33,7 @@ async def create_app(settings: ShardSettings) -> web.Application:
     app = base_app("shard")
     limit_compute_threads(settings.compute_threads)
     app[SETTINGS] = settings
-    app[STORE] = ShardStore(use_gpu=settings.use_gpu)
+    app[STORE] = settings.new_store()
     app[METRICS] = ShardMetrics(app[REGISTRY], settings.shard_id)
     app.cleanup_ctx.append(_replicator)
     app.router.add_post("/search", search)
@@ -61,8 +61,20 @@ async def stats(request: web.Request) -> web.Response:
         "next_offsets": replicator.next_offsets,
         "lag": replicator.lag.lags,
         "index_bytes": app[STORE].nbytes(),
+        "segments": segment_stats(app[STORE]),
         "restored_from": replicator.restored_from,
     })
+
+
+def segment_stats(store: ShardStore) -> dict[str, object]:
+    sealed = store.sealed
+    return {
+        "growing": len(store.growing or ()),
+        "sealed_rows": len(sealed) if sealed else 0,
+        "sealed_dead": sealed.dead_count if sealed else 0,
+        "sealed_kind": sealed.kind if sealed else None,
+        "sealing": store.sealing,
+    }
 
 
 async def search(request: web.Request) -> web.Response:
@@ -73,14 +85,14 @@ async def search(request: web.Request) -> web.Response:
     if not app[READINESS].ready:
         raise web.HTTPServiceUnavailable(text=f"shard not ready: {app[READINESS].reason}")
     with app[METRICS].search_seconds.time():
-        scores, ids = app[STORE].search(query.query_matrix(), query.k)
+        scores, ids = app[STORE].search(query.query_matrix(), query.k, query.filters)
     if (time.perf_counter() - arrived) * 1000 > query.budget_ms:
         app[METRICS].expired.inc()
         raise web.HTTPGatewayTimeout(text="deadline passed before the answer was ready")
     answer = SearchResponse(
         shard_id=app[SETTINGS].shard_id,
         ids=ids,
-        scores=scores.tolist(),
+        scores=scores,
         searched=len(app[STORE]),
     )
     return web.Response(body=answer.to_wire(), content_type=MSGPACK)

@@ -34,3 +34,16 @@ class ShardMetrics:
             "vitrine_shard_expired_requests_total", "Requests dropped past their deadline",
             registry=registry,
         )
+        self.seals = Counter(
+            "vitrine_shard_seals_total", "Growing-buffer merges into the sealed segment",
+            ["outcome"], registry=registry,
+        )
+        self.seal_seconds = Histogram(
+            "vitrine_shard_seal_duration_seconds", "Freeze, background build and swap of a seal",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.segment_rows = Gauge(
+            "vitrine_shard_segment_rows", "Rows per segment (sealed rows include dead ones)",
+            ["segment"], registry=registry,
+        )

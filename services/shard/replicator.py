@@ -47,6 +47,7 @@ class VectorReplicator:
         self.restored_from: str | None = None
         self._changed_since_snapshot = False
         self._last_snapshot = time.monotonic()
+        self._seal_task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         kafka = self._consumer.consumer
@@ -74,6 +75,10 @@ class VectorReplicator:
                 self._readiness.set_ready()
             self._metrics.vectors.set(len(self._store))
             self._metrics.index_bytes.set(self._store.nbytes())
+            self._metrics.segment_rows.labels("growing").set(len(self._store.growing or ()))
+            self._metrics.segment_rows.labels("sealed").set(len(self._store.sealed or ()))
+            if self._store.wants_seal():
+                self._seal_task = asyncio.create_task(self._seal())
             await self.lag.maybe_refresh(owned)
             if time.monotonic() - self._last_snapshot >= self._s.snapshot_interval_s:
                 await self.snapshot()
@@ -85,7 +90,7 @@ class VectorReplicator:
             return
         found = await asyncio.to_thread(
             load_latest, self._s.snapshot_dir, self._s.vectors_topic,
-            self._s.num_shards, self._s.shard_id,
+            self._s.num_shards, self._s.shard_id, self._s.index_spec(),
         )
         if found is None:
             return
@@ -95,10 +100,29 @@ class VectorReplicator:
             log.warning("snapshot is ahead of the log: rebuilding from the start",
                         snapshot_offsets=behind, log_ends=ends)
             return
-        self._store.load(found.ids, found.vectors, found.versions)
+        self._store.load(found.state)
         self.next_offsets = dict(found.next_offsets)
         self.restored_from = "snapshot"
         log.info("restored snapshot", vectors=len(self._store), offsets=self.next_offsets)
+
+    async def _seal(self) -> None:
+        """Merge the growing buffer into the sealed segment; searches go on meanwhile."""
+        started = time.monotonic()
+        growing = len(self._store.growing or ())
+        try:
+            await self._store.seal()
+        except Exception:  # a failed build leaves the old segments serving: retried later
+            log.exception("sealing failed", growing=growing)
+            self._metrics.seals.labels("failed").inc()
+            return
+        sealed = self._store.sealed
+        log.info(
+            "sealed", growing=growing, seconds=round(time.monotonic() - started, 3),
+            sealed_rows=len(sealed) if sealed else 0,
+            dead_rows=sealed.dead_count if sealed else 0,
+        )
+        self._metrics.seals.labels("ok").inc()
+        self._metrics.seal_seconds.observe(time.monotonic() - started)
 
     def _log_ends(self) -> dict[int, int]:
         """Upper bound of each owned partition's end. Tansu's high watermark can trail the true
@@ -115,16 +139,15 @@ class VectorReplicator:
         self._last_snapshot = time.monotonic()
         if self._s.snapshot_dir is None or not self._changed_since_snapshot:
             return
-        ids, vectors, versions = self._store.export()
         cut = Snapshot(
-            ids=ids, vectors=vectors, versions=versions, next_offsets=dict(self.next_offsets),
+            state=self._store.export(), next_offsets=dict(self.next_offsets),
             topic=self._s.vectors_topic, num_shards=self._s.num_shards, shard_id=self._s.shard_id,
         )
         self._changed_since_snapshot = False
         path = await asyncio.to_thread(
             write_snapshot, self._s.snapshot_dir, cut, self._s.snapshot_keep
         )
-        log.info("snapshot written", path=str(path), vectors=len(ids))
+        log.info("snapshot written", path=str(path), vectors=len(self._store))
 
     def _apply(self, message: Message) -> None:
         partition, offset = message.partition() or 0, message.offset() or 0

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from services.shard.segments import IndexSpec, IndexType
+from services.shard.store import ShardStore
 from vitrine.settings import CommonSettings
 
 
@@ -16,6 +18,39 @@ class ShardSettings(CommonSettings):
     snapshot_dir: Path | None = Field(default=None, description="unset: no snapshots")
     snapshot_interval_s: float = Field(default=60.0, gt=0, description="while content changes")
     snapshot_keep: int = Field(default=2, ge=1)
+    # segments (services/shard/store.py, services/shard/segments.py)
+    seal_threshold: int = Field(
+        default=20_000, ge=1, description="growing-buffer size that triggers a seal"
+    )
+    rebuild_dead_ratio: float = Field(
+        default=0.2, gt=0, le=1, description="dead sealed rows that trigger a full rebuild"
+    )
+    index_type: IndexType = Field(default="ivf_flat", description="flat, ivf_flat, ivf_pq, hnsw")
+    index_fp16: bool = Field(default=False, description="fp16 codes (flat, ivf_flat, hnsw)")
+    ivf_nlist: int = Field(default=0, ge=0, description="0: about 4*sqrt(n)")
+    ivf_nprobe: int = Field(default=32, ge=1)
+    pq_m: int = Field(default=64, ge=1, description="IVF-PQ bytes per vector; divides dim")
+    pq_refine_factor: int = Field(default=4, ge=1, description="IVF-PQ exact re-rank of k*f")
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=80, ge=8)
+    hnsw_ef_search: int = Field(default=160, ge=1)
+    exact_filter_below: int = Field(
+        default=20_000, ge=0, description="filters passing fewer rows are answered exactly"
+    )
+
+    def index_spec(self) -> IndexSpec:
+        return IndexSpec(
+            kind=self.index_type, fp16=self.index_fp16, nlist=self.ivf_nlist,
+            nprobe=self.ivf_nprobe, pq_m=self.pq_m, refine_factor=self.pq_refine_factor,
+            hnsw_m=self.hnsw_m, ef_construction=self.hnsw_ef_construction,
+            ef_search=self.hnsw_ef_search, exact_filter_below=self.exact_filter_below,
+        )
+
+    def new_store(self) -> ShardStore:
+        return ShardStore(
+            self.index_spec(), self.filter_fields, self.seal_threshold,
+            self.rebuild_dead_ratio, self.use_gpu,
+        )
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> ShardSettings:

@@ -1,5 +1,6 @@
-"""Shard snapshots: the index, id map, versions (tombstones included) and the offset consumed
-on every owned partition, written as one consistent cut.
+"""Shard snapshots: both segments (the sealed FAISS index with its id map and dead rows, the
+growing buffer), versions (tombstones included), the attribute vocabulary and the offset
+consumed on every owned partition, written as one consistent cut.
 
 Atomic by construction: files go to a temporary directory, are fsynced, and the directory is
 renamed into place; a manifest with each file's SHA-256 is written last. Loading walks from
@@ -15,24 +16,28 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import faiss
 import msgpack
 import numpy as np
 import structlog
 
+from services.shard.segments import IndexSpec, SealedSegment
+from services.shard.store import StoreState
+
 log = structlog.get_logger()
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    ids: list[str]
-    vectors: np.ndarray  # float32 (n, dim)
-    versions: dict[str, int]  # every product ever applied, deletes included
+    state: StoreState
     next_offsets: dict[int, int]  # partition -> next offset to consume
     topic: str
     num_shards: int
@@ -40,26 +45,27 @@ class Snapshot:
 
 
 def write_snapshot(directory: Path, snapshot: Snapshot, keep: int = 2) -> Path:
-    """Write atomically and keep the newest `keep` snapshots."""
+    """Write atomically and keep the newest `keep` snapshots. Runs on a worker thread: the
+    sealed index is immutable, so serialising it here needs no copy on the event loop."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"snapshot-{time.time_ns():020d}"
     tmp = directory / f".{name}.tmp"
     tmp.mkdir()
-    files = {
-        "vectors.npy": _npy_bytes(snapshot.vectors),
-        "ids.msgpack": msgpack.packb(snapshot.ids),
-        "versions.msgpack": msgpack.packb(snapshot.versions),
-    }
-    for filename, data in files.items():
+    digests = {}
+    for filename, data in _files_of(snapshot.state):
+        digests[filename] = hashlib.sha256(data).hexdigest()
         _write_synced(tmp / filename, data)
+    state = snapshot.state
     manifest = {
         "format": FORMAT_VERSION,
         "topic": snapshot.topic,
         "num_shards": snapshot.num_shards,
         "shard_id": snapshot.shard_id,
         "next_offsets": {str(p): o for p, o in snapshot.next_offsets.items()},
-        "count": len(snapshot.ids),
-        "sha256": {filename: hashlib.sha256(data).hexdigest() for filename, data in files.items()},
+        "dim": state.dim,
+        "growing": len(state.growing_ids),
+        "sealed": _sealed_manifest(state.sealed),
+        "sha256": digests,
     }
     _write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
     _fsync_dir(tmp)
@@ -71,12 +77,16 @@ def write_snapshot(directory: Path, snapshot: Snapshot, keep: int = 2) -> Path:
     return final
 
 
-def load_latest(directory: Path, topic: str, num_shards: int, shard_id: int) -> Snapshot | None:
-    """The newest valid snapshot for this shard layout, or None."""
+def load_latest(
+    directory: Path, topic: str, num_shards: int, shard_id: int, spec: IndexSpec | None = None
+) -> Snapshot | None:
+    """The newest valid snapshot for this shard layout, or None. `spec` is how its sealed
+    segment will be searched (the current settings, not the ones it was built with)."""
     for path in _snapshots(directory):
         try:
-            snapshot = _load(path)
-        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            snapshot = _load(path, spec or IndexSpec())
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError,
+                msgpack.UnpackException) as exc:
             log.warning("skipping unreadable snapshot", path=str(path), reason=str(exc))
             continue
         layout = (snapshot.topic, snapshot.num_shards, snapshot.shard_id)
@@ -87,23 +97,68 @@ def load_latest(directory: Path, topic: str, num_shards: int, shard_id: int) -> 
     return None
 
 
-def _load(path: Path) -> Snapshot:
+def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
+    """One file at a time, so a snapshot never holds two serialised copies in memory."""
+    yield "versions.msgpack", msgpack.packb(state.versions)
+    yield "vocab.msgpack", msgpack.packb(state.vocab)
+    yield "growing_ids.msgpack", msgpack.packb(state.growing_ids)
+    yield "growing_vectors.npy", _npy_bytes(state.growing_vectors)
+    yield "growing_codes.npy", _npy_bytes(state.growing_codes)
+    sealed = state.sealed
+    if sealed is not None:
+        yield "sealed.faiss", faiss.serialize_index(sealed.index).tobytes()
+        yield "sealed_ids.msgpack", msgpack.packb(sealed.ids)
+        yield "sealed_vectors.npy", _npy_bytes(sealed.vectors)
+        yield "sealed_codes.npy", _npy_bytes(sealed.codes)
+        yield "sealed_dead.npy", _npy_bytes(state.sealed_dead)
+
+
+def _sealed_manifest(sealed: SealedSegment | None) -> dict[str, Any] | None:
+    if sealed is None:
+        return None
+    return {"rows": len(sealed), "kind": sealed.kind, "trained_on": sealed.trained_on}
+
+
+def _load(path: Path, spec: IndexSpec) -> Snapshot:
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest["format"] != FORMAT_VERSION:
         raise ValueError(f"snapshot format {manifest['format']} is not {FORMAT_VERSION}")
-    data = {}
-    for filename, digest in manifest["sha256"].items():
-        data[filename] = (path / filename).read_bytes()
-        if hashlib.sha256(data[filename]).hexdigest() != digest:
+
+    def read(filename: str) -> bytes:
+        data = (path / filename).read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest["sha256"][filename]:
             raise ValueError(f"{filename} does not match its checksum (torn or corrupt)")
-    vectors = np.load(io.BytesIO(data["vectors.npy"]), allow_pickle=False)
-    ids = msgpack.unpackb(data["ids.msgpack"])
-    if len(ids) != manifest["count"] or len(vectors) != len(ids):
+        return data
+
+    growing_ids = msgpack.unpackb(read("growing_ids.msgpack"))
+    growing_vectors = _npy(read("growing_vectors.npy"))
+    if len(growing_ids) != manifest["growing"] or len(growing_vectors) != len(growing_ids):
         raise ValueError("snapshot counts do not match")
+    sealed, dead = None, np.zeros(0, dtype=bool)
+    if manifest["sealed"] is not None:
+        meta = manifest["sealed"]
+        index = faiss.deserialize_index(np.frombuffer(read("sealed.faiss"), dtype=np.uint8))
+        ids = msgpack.unpackb(read("sealed_ids.msgpack"))
+        sealed = SealedSegment(
+            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
+            vectors=_npy(read("sealed_vectors.npy")), codes=_npy(read("sealed_codes.npy")),
+            spec=spec, trained_on=meta["trained_on"], kind=meta["kind"],
+        )
+        dead = _npy(read("sealed_dead.npy")).astype(bool)
+        if not len(ids) == meta["rows"] == index.ntotal == len(sealed.vectors) == len(dead):
+            raise ValueError("sealed segment counts do not match")
+    state = StoreState(
+        dim=manifest["dim"],
+        versions=msgpack.unpackb(read("versions.msgpack")),
+        vocab=msgpack.unpackb(read("vocab.msgpack")),
+        growing_ids=growing_ids,
+        growing_vectors=np.ascontiguousarray(growing_vectors, dtype=np.float32),
+        growing_codes=_npy(read("growing_codes.npy")),
+        sealed=sealed,
+        sealed_dead=dead,
+    )
     return Snapshot(
-        ids=ids,
-        vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-        versions=msgpack.unpackb(data["versions.msgpack"]),
+        state=state,
         next_offsets={int(p): int(o) for p, o in manifest["next_offsets"].items()},
         topic=manifest["topic"],
         num_shards=manifest["num_shards"],
@@ -120,8 +175,12 @@ def _snapshots(directory: Path) -> list[Path]:
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

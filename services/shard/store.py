@@ -1,73 +1,272 @@
-"""A shard's content: which product holds which version, applied idempotently.
+"""A shard's content: which product holds which version, in a growing and a sealed segment.
 
 A record is applied only if its version is newer than the one held (deletes included, so a
 replayed old upsert cannot resurrect a deleted product). Replays and duplicates change nothing.
+
+New vectors land in the exact growing buffer (services/shard/index.py). Past `seal_threshold`
+the replicator calls `seal()`: the buffer is frozen, merged into a new sealed ANN segment on a
+worker thread (services/shard/segments.py), and swapped in on the event loop. Writes keep
+flowing during the build: every live vector carries a change number (`seq`), and at the swap a
+row of the new segment counts only if its product still holds that exact change. Searches run
+against whatever segments are current and never wait for a build.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from proto.vectors import VectorRecord
+from services.shard.attributes import AttributeCodes
 from services.shard.index import ExactIndex
+from services.shard.segments import IndexSpec, SealedSegment, build_sealed, needs_rebuild
 from vitrine.errors import InvalidMessage
+
+Hits = tuple[list[list[float]], list[list[str]]]  # per query: scores and ids, best first
+
+
+@dataclass
+class StoreState:
+    """A consistent cut of a store: what a snapshot writes and a restart loads."""
+
+    dim: int
+    versions: dict[str, int]  # every product ever applied, deletes included
+    vocab: dict[str, list[str]]
+    growing_ids: list[str]
+    growing_vectors: np.ndarray  # float32
+    growing_codes: np.ndarray  # int32
+    sealed: SealedSegment | None  # immutable but for `dead`, which is copied below
+    sealed_dead: np.ndarray
+
+
+@dataclass
+class _SealJob:
+    """What a seal froze: the rows to build from, and the segment they extend (if any)."""
+
+    base: SealedSegment | None
+    ids: list[str]
+    seqs: np.ndarray
+    vectors: np.ndarray
+    codes: np.ndarray
+    from_growing: list[str]  # frozen growing products: they leave the buffer at the swap
+    generation: int
 
 
 class ShardStore:
-    def __init__(self, dim: int | None = None, use_gpu: bool | None = None) -> None:
+    def __init__(
+        self,
+        spec: IndexSpec | None = None,
+        filter_fields: Sequence[str] = (),
+        seal_threshold: int = 20_000,
+        rebuild_dead_ratio: float = 0.2,
+        use_gpu: bool | None = None,
+    ) -> None:
+        self.spec = spec or IndexSpec()
+        self.seal_threshold = seal_threshold
+        self.rebuild_dead_ratio = rebuild_dead_ratio
         self._use_gpu = use_gpu
-        self.index: ExactIndex | None = ExactIndex(dim, use_gpu) if dim else None
+        self._fields = list(filter_fields)
+        self.clear()
+
+    def clear(self) -> None:
+        self.attributes = AttributeCodes(self._fields)
         self.versions: dict[str, int] = {}
+        self.dim: int | None = None
+        self.growing: ExactIndex | None = None
+        self.sealed: SealedSegment | None = None
+        self._live: dict[str, int] = {}  # live product -> seq of the vector it holds
+        self._sealed_rows: dict[str, int] = {}  # live product in the sealed segment -> row
+        self._seqs = itertools.count()
+        self._touched: set[str] | None = None  # products changed while a seal is building
+        self._generation = getattr(self, "_generation", 0) + 1
+        self.sealing = False
 
     def __len__(self) -> int:
-        return len(self.index) if self.index is not None else 0
+        return len(self._live)
 
     def apply(self, record: VectorRecord) -> bool:
         """True if the record changed the shard; False for a stale or duplicate record."""
-        held = self.versions.get(record.product_id)
+        pid = record.product_id
+        held = self.versions.get(pid)
         if held is not None and held >= record.version:
             return False
         if record.op == "delete":
-            if self.index is not None:
-                self.index.remove(record.product_id)
+            self._drop(pid)
         else:
-            self._index_for(record.dim).upsert(record.product_id, record.as_array())
-        self.versions[record.product_id] = record.version
+            growing = self._growing_for(record.dim)
+            self._kill_sealed(pid)
+            growing.upsert(pid, record.as_array(), self.attributes.encode(record.attributes))
+            self._live[pid] = next(self._seqs)
+        self.versions[pid] = record.version
+        if self._touched is not None:
+            self._touched.add(pid)
         return True
+
+    def search(
+        self, queries: np.ndarray, k: int, filters: Mapping[str, Sequence[str]] | None = None
+    ) -> Hits:
+        """Both segments searched, filters applied inside each scan, then merged by score."""
+        where = self.attributes.compile(filters) if filters else None
+        nq = len(queries)
+        candidates: list[list[tuple[float, str]]] = [[] for _ in range(nq)]
+        if self.dim is not None and queries.shape[1] != self.dim:
+            raise InvalidMessage(f"queries of dim {queries.shape[1]}, the shard holds {self.dim}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.growing is not None:
+            scores, ids = self.growing.search(queries, k, where)
+            for q in range(nq):
+                candidates[q].extend(zip(scores[q].tolist(), ids[q], strict=False))
+        sealed = self.sealed
+        if sealed is not None and len(sealed):
+            scores, rows = sealed.search(queries, k, where)
+            for q in range(nq):
+                hits = zip(scores[q].tolist(), rows[q].tolist(), strict=True)
+                candidates[q].extend((s, sealed.ids[r]) for s, r in hits if r >= 0)
+        best = [heapq.nlargest(k, found) for found in candidates]
+        return [[s for s, _ in hits] for hits in best], [[pid for _, pid in hits] for hits in best]
 
     def live_versions(self) -> dict[str, int]:
         """product_id -> version of every product this shard would return: for audits."""
-        if self.index is None:
-            return {}
-        ids, _ = self.index.export()
-        return {pid: self.versions[pid] for pid in ids}
-
-    def export(self) -> tuple[list[str], np.ndarray, dict[str, int]]:
-        """(ids, vectors, versions) copied now: with the consumed offsets, a consistent cut."""
-        if self.index is None:
-            return [], np.zeros((0, 0), dtype=np.float32), dict(self.versions)
-        ids, vectors = self.index.export()
-        return ids, vectors, dict(self.versions)
-
-    def load(self, ids: list[str], vectors: np.ndarray, versions: dict[str, int]) -> None:
-        """Replace the content with a snapshot's."""
-        self.index = ExactIndex.from_arrays(ids, vectors, self._use_gpu) if ids else None
-        self.versions = dict(versions)
-
-    def clear(self) -> None:
-        self.index, self.versions = None, {}
+        return {pid: self.versions[pid] for pid in self._live}
 
     def nbytes(self) -> int:
-        return self.index.nbytes() if self.index is not None else 0
+        growing = self.growing.nbytes() if self.growing is not None else 0
+        return growing + (self.sealed.index_bytes() if self.sealed is not None else 0)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        if self.index is None:
-            return np.zeros((len(queries), 0), dtype=np.float32), [[] for _ in queries]
-        return self.index.search(queries, k)
+    # sealing
 
-    def _index_for(self, dim: int) -> ExactIndex:
-        if self.index is None:
-            self.index = ExactIndex(dim, self._use_gpu)
-        elif self.index.dim != dim:
-            raise InvalidMessage(f"record of dim {dim} for an index of dim {self.index.dim}")
-        return self.index
+    def wants_seal(self) -> bool:
+        if self.sealing or self.growing is None:
+            return False
+        if len(self.growing) >= self.seal_threshold:
+            return True
+        sealed = self.sealed
+        return sealed is not None and sealed.dead_count > self.rebuild_dead_ratio * len(sealed)
+
+    async def seal(self) -> None:
+        """Freeze, build on a worker thread, swap: the loop only pays for freeze and swap."""
+        job = self._freeze()
+
+        def build() -> tuple[SealedSegment, dict[str, int] | None]:
+            segment = build_sealed(
+                self.spec, job.ids, job.seqs, job.vectors, job.codes, job.base
+            )
+            fresh = None if job.base is not None else {pid: i for i, pid in enumerate(job.ids)}
+            return segment, fresh
+
+        try:
+            segment, fresh_rows = await asyncio.to_thread(build)
+            self._swap(job, segment, fresh_rows)
+        finally:
+            self._touched, self.sealing = None, False
+
+    def _freeze(self) -> _SealJob:
+        assert self.growing is not None
+        self.sealing, self._touched = True, set()
+        ids, vectors, codes = self.growing.export()
+        seqs = np.array([self._live[pid] for pid in ids], dtype=np.int64)
+        base = self.sealed
+        if base is not None and needs_rebuild(base, len(ids), self.rebuild_dead_ratio):
+            live = np.flatnonzero(~base.dead)
+            ids = [base.ids[r] for r in live] + ids
+            seqs = np.concatenate([base.seqs[live], seqs])
+            vectors = np.concatenate([base.vectors[live].astype(np.float32), vectors])
+            codes = np.concatenate([base.codes[live], codes])
+            frozen = ids[len(live):]
+            base = None
+        else:
+            frozen = ids
+        return _SealJob(base, ids, seqs, vectors, codes, list(frozen), self._generation)
+
+    def _swap(
+        self, job: _SealJob, segment: SealedSegment, fresh_rows: dict[str, int] | None
+    ) -> None:
+        """Rows whose product changed during the build die; the rest leave the growing buffer."""
+        if job.generation != self._generation:
+            return  # the store was cleared or reloaded meanwhile: this build is moot
+        if fresh_rows is None and job.base is not None:
+            offset = len(job.base)
+            segment.dead[:offset] = job.base.dead  # rows killed during the build
+            rows = self._sealed_rows
+            rows.update((pid, offset + i) for i, pid in enumerate(job.ids))
+        else:
+            rows = fresh_rows or {}
+        for pid in self._touched or ():
+            row = rows.get(pid)
+            if row is not None and self._live.get(pid) != segment.seqs[row]:
+                segment.kill(row)
+                del rows[pid]
+        assert self.growing is not None
+        for pid in job.from_growing:
+            if pid in rows:
+                self.growing.remove(pid)
+        self.sealed, self._sealed_rows = segment, rows
+
+    # snapshots
+
+    def export(self) -> StoreState:
+        """Copied now, on the loop: with the consumed offsets, a consistent cut."""
+        if self.growing is not None:
+            ids, vectors, codes = self.growing.export()
+        else:
+            ids, vectors, codes = [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)
+        sealed = self.sealed
+        return StoreState(
+            dim=self.dim or 0,
+            versions=dict(self.versions),
+            vocab=self.attributes.export(),
+            growing_ids=ids,
+            growing_vectors=vectors,
+            growing_codes=codes,
+            sealed=sealed,
+            sealed_dead=sealed.dead.copy() if sealed is not None else np.zeros(0, bool),
+        )
+
+    def load(self, state: StoreState) -> None:
+        """Replace the content with a snapshot's."""
+        self.clear()
+        self.attributes = AttributeCodes(self._fields, state.vocab)
+        self.versions = dict(state.versions)
+        if not state.dim:
+            return
+        self.dim = state.dim
+        codes = state.growing_codes
+        if codes.shape[1] != len(self._fields):  # filter fields changed: codes start over
+            codes = np.full((len(codes), len(self._fields)), -1, dtype=np.int32)
+        self.growing = ExactIndex.from_arrays(
+            state.growing_ids, state.growing_vectors.reshape(-1, state.dim), codes, self._use_gpu
+        )
+        self._live = {pid: next(self._seqs) for pid in state.growing_ids}
+        if state.sealed is not None:
+            sealed = state.sealed
+            sealed.dead[:] = state.sealed_dead
+            sealed.seqs = np.array([next(self._seqs) for _ in sealed.ids], dtype=np.int64)
+            live = np.flatnonzero(~sealed.dead)
+            self._sealed_rows = {sealed.ids[r]: int(r) for r in live}
+            self._live.update((sealed.ids[r], int(sealed.seqs[r])) for r in live)
+            self.sealed = sealed
+
+    def _growing_for(self, dim: int) -> ExactIndex:
+        if self.dim is None:
+            self.dim = dim
+        elif dim != self.dim:
+            raise InvalidMessage(f"record of dim {dim} for a shard of dim {self.dim}")
+        if self.growing is None:
+            self.growing = ExactIndex(dim, self._use_gpu, fields=len(self._fields))
+        return self.growing
+
+    def _drop(self, pid: str) -> None:
+        self._live.pop(pid, None)
+        if self.growing is not None:
+            self.growing.remove(pid)
+        self._kill_sealed(pid)
+
+    def _kill_sealed(self, pid: str) -> None:
+        row = self._sealed_rows.pop(pid, None)
+        if row is not None and self.sealed is not None:
+            self.sealed.kill(row)

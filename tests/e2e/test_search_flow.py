@@ -8,6 +8,7 @@ import http.server
 import io
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -151,6 +152,36 @@ def test_text_query_returns_k_results_with_metadata(stack: LocalStack, catalog: 
         assert hit["title"] == titles[hit["product_id"]]
         assert hit["image_uri"].endswith(f"/{hit['product_id']}.jpg")
     assert answer["took_ms"] > 0
+
+
+def test_filters_narrow_results_before_the_top_k_is_cut(
+    stack: LocalStack, catalog: Catalog
+) -> None:
+    attributes = {e.product_id: e.attributes for e in catalog.events}
+    women = [pid for pid, a in attributes.items() if a.get("gender") == "Women"]
+    assert len(women) >= 20  # the first 300 rows of the catalog hold plenty
+    status, answer = http_json(
+        f"{stack.router_url}/search",
+        {"text": "shirt", "k": 20, "filters": {"gender": "women"}},  # values match any case
+    )
+    assert status == 200, answer
+    assert len(answer["results"]) == 20
+    assert all(attributes[pid]["gender"] == "Women" for pid in ids_of(answer))
+
+    colours = ["Black", "Blue"]
+    query = urllib.parse.urlencode({"q": "shoes", "k": 15, "colour": ",".join(colours)})
+    status, answer = http_json(f"{stack.router_url}/search?{query}")
+    assert status == 200 and len(answer["results"]) == 15, answer
+    assert all(attributes[pid].get("colour") in colours for pid in ids_of(answer))
+
+    status, answer = http_json(
+        f"{stack.router_url}/search", {"text": "shirt", "filters": {"brand": ["Nike"]}}
+    )
+    assert status == 400 and "cannot filter on 'brand'" in answer["error"]
+    status, answer = http_json(
+        f"{stack.router_url}/search", {"text": "shirt", "filters": {"colour": []}}
+    )
+    assert status == 400 and "colour" in answer["error"]
 
 
 def test_every_good_event_is_indexed_around_the_bad_ones(

@@ -1,0 +1,234 @@
+"""The sealed segment: an immutable FAISS ANN index over vectors that left the growing buffer.
+
+FAISS ANN indexes (HNSW, GPU IVF) cannot remove ids cheaply, so, as in Milvus' sealed segments,
+the index is never modified in place: an update or delete only flips the row's bit in `dead`,
+and searches skip dead rows with an IDSelector applied inside the index scan. Merging the
+growing buffer in is `clone + add` on a background thread; a full rebuild (retrain, dead rows
+dropped) happens when the dead ratio or the growth since training passes its threshold.
+
+The raw vectors stay beside the index in fp16: they make rebuilds and snapshots independent of
+the index type, re-rank IVF-PQ candidates exactly, and answer selective filters by brute force
+(exact, and faster than an ANN scan that rejects most rows).
+Covered by tests/shard/test_segments.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from services.shard.attributes import CompiledFilter
+
+IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How a sealed segment is built and searched (ShardSettings.index_spec())."""
+
+    kind: IndexType = "ivf_flat"
+    fp16: bool = False  # fp16 codes for flat / ivf_flat / hnsw storage
+    nlist: int = 0  # 0: about 4 * sqrt(n), at least 39 training points per list
+    nprobe: int = 32
+    pq_m: int = 64  # PQ sub-quantizers (bytes per vector at 8 bits); must divide dim
+    refine_factor: int = 4  # IVF-PQ: re-rank k * refine_factor candidates with the raw vectors
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 160
+    exact_filter_below: int = 20_000  # a filter passing fewer rows is answered by brute force
+    retrain_growth: float = 4.0  # retrain IVF once the segment is this many times its training
+
+    def nlist_for(self, n: int) -> int:
+        wanted = self.nlist or int(4 * math.sqrt(n))
+        return max(1, min(wanted, n // 39))
+
+    def factory_string(self, n: int, dim: int) -> str:
+        codes = "SQfp16" if self.fp16 else "Flat"
+        if self.kind == "flat":
+            return codes
+        if self.kind == "hnsw":
+            return f"HNSW{self.hnsw_m},{codes}"
+        nlist = self.nlist_for(n)
+        if self.kind == "ivf_pq" and dim % self.pq_m == 0 and n >= 256 * 39:
+            return f"IVF{nlist},PQ{self.pq_m}x8"
+        return f"IVF{nlist},{codes}"  # PQ needs 256 training points per code: small is Flat
+
+
+@dataclass
+class SealedSegment:
+    index: faiss.Index
+    ids: list[str]  # row -> product id
+    seqs: np.ndarray  # row -> the store's change number of that vector (int64)
+    vectors: np.ndarray  # row -> raw vector, float16 (n, dim)
+    codes: np.ndarray  # row -> attribute codes, int32 (n, fields)
+    spec: IndexSpec  # how it is searched (and rebuilt): the current settings
+    trained_on: int  # rows the index was trained on (0: needs no training)
+    kind: IndexType  # what it was built as: a rebuild follows a change of settings
+    dead: np.ndarray = field(init=False)  # row -> updated or deleted since sealing
+    _live_bits: np.ndarray | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.dead = np.zeros(len(self.ids), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def kill(self, row: int) -> None:
+        self.dead[row] = True
+        self._live_bits = None
+
+    @property
+    def dead_count(self) -> int:
+        return int(self.dead.sum())
+
+    def search(
+        self, queries: np.ndarray, k: int, where: CompiledFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of the best live rows passing the filter, best first, -1 padded."""
+        allowed = None if where is None else where.mask(self.codes) & ~self.dead
+        if allowed is not None and allowed.sum() <= self.spec.exact_filter_below:
+            return self._brute_force(queries, k, np.flatnonzero(allowed))
+        bits = self._live_bitmap() if allowed is None else _pack(allowed)
+        pq = self.kind == "ivf_pq" and "PQ" in type(faiss.downcast_index(self.index)).__name__
+        wanted = k * self.spec.refine_factor if pq else k
+        params, selector = self._params(bits)
+        scores, rows = self.index.search(queries, min(wanted, len(self)), params=params)
+        del selector  # FAISS held a raw pointer to it (and to `bits`) until here
+        if pq:
+            return self._rerank(queries, rows, k)
+        return scores, rows
+
+    def _params(
+        self, bits: np.ndarray | None
+    ) -> tuple[faiss.SearchParameters, faiss.IDSelector | None]:
+        selector = None if bits is None else faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(bits))
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=self.spec.ef_search)  # type: ignore[attr-defined]
+        elif self.kind in ("ivf_flat", "ivf_pq"):
+            params = faiss.SearchParametersIVF(nprobe=self.spec.nprobe)  # type: ignore[call-arg]
+        else:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+        return params, selector
+
+    def _live_bitmap(self) -> np.ndarray | None:
+        """Packed live rows, cached until the next kill; None while nothing is dead."""
+        if self._live_bits is None and self.dead.any():
+            self._live_bits = _pack(~self.dead)
+        return self._live_bits
+
+    def _brute_force(
+        self, queries: np.ndarray, k: int, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if len(rows) == 0:
+            nq = len(queries)
+            return np.zeros((nq, 0), dtype=np.float32), np.zeros((nq, 0), dtype=np.int64)
+        scores, picked = faiss.knn(
+            queries, self.vectors[rows].astype(np.float32), min(k, len(rows)),
+            metric=faiss.METRIC_INNER_PRODUCT,
+        )
+        return scores, np.where(picked >= 0, rows[np.maximum(picked, 0)], -1)
+
+    def _rerank(
+        self, queries: np.ndarray, rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores from the raw vectors for the PQ candidates (FAISS' IndexRefine idea)."""
+        safe = np.maximum(rows, 0)
+        exact = np.einsum("qcd,qd->qc", self.vectors[safe].astype(np.float32), queries)
+        exact[rows < 0] = -np.inf
+        order = np.argsort(-exact, axis=1)[:, :k]
+        scores = np.take_along_axis(exact, order, axis=1)
+        picked = np.take_along_axis(rows, order, axis=1)
+        picked[~np.isfinite(scores)] = -1
+        return scores.astype(np.float32), picked
+
+    def index_bytes(self) -> int:
+        """Memory of the ANN structure, the raw vectors and the row tables."""
+        return index_bytes(self.index) + self.vectors.nbytes + self.codes.nbytes + 16 * len(self)
+
+
+def build_sealed(
+    spec: IndexSpec,
+    ids: list[str],
+    seqs: np.ndarray,
+    vectors: np.ndarray,
+    codes: np.ndarray,
+    base: SealedSegment | None = None,
+) -> SealedSegment:
+    """A new sealed segment: `base`'s rows followed by the given ones (clone + add, its dead
+    rows still dead), or a freshly trained index over the given rows when `base` is None.
+    Runs on a worker thread; FAISS releases the GIL while it trains and adds."""
+    vectors16 = np.ascontiguousarray(vectors, dtype=np.float16)
+    if base is not None:
+        index = faiss.clone_index(base.index)
+        index.add(vectors16.astype(np.float32))
+        merged = SealedSegment(
+            index=index,
+            ids=base.ids + list(ids),
+            seqs=np.concatenate([base.seqs, seqs]),
+            vectors=np.concatenate([base.vectors, vectors16]),
+            codes=np.concatenate([base.codes, codes]),
+            spec=spec,
+            trained_on=base.trained_on,
+            kind=base.kind,
+        )
+        merged.dead[: len(base)] = base.dead
+        return merged
+    dim = vectors16.shape[1]
+    index = faiss.index_factory(dim, spec.factory_string(len(ids), dim), faiss.METRIC_INNER_PRODUCT)
+    if spec.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = spec.ef_construction  # type: ignore[attr-defined]
+    full = vectors16.astype(np.float32)
+    trained_on = 0
+    if not index.is_trained:
+        index.train(_training_sample(full, 256 * _nlist(index)))
+        trained_on = len(full)
+    index.add(full)
+    return SealedSegment(
+        index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64), vectors=vectors16,
+        codes=np.asarray(codes, dtype=np.int32), spec=spec, trained_on=trained_on,
+        kind=spec.kind,
+    )
+
+
+def needs_rebuild(segment: SealedSegment, adding: int, dead_ratio: float) -> bool:
+    """Rebuild rather than append: too many dead rows, an IVF trained on far fewer rows, or an
+    index type the settings no longer ask for."""
+    if segment.dead_count > dead_ratio * len(segment) or segment.kind != segment.spec.kind:
+        return True
+    grown = len(segment) + adding > segment.spec.retrain_growth * segment.trained_on
+    return bool(segment.trained_on) and grown
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Bytes FAISS holds for `index` (codes, ids, centroids, graph links), without a copy."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        links = 4 * index.hnsw.neighbors.size()  # type: ignore[attr-defined]
+        return index_bytes(index.storage) + links + 4 * index.ntotal
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        centroids = ivf.nlist * ivf.d * 4
+        return int(ivf.ntotal * (ivf.code_size + 8) + centroids)
+    return int(index.sa_code_size()) * index.ntotal
+
+
+def _nlist(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 1
+
+
+def _training_sample(vectors: np.ndarray, size: int) -> np.ndarray:
+    if len(vectors) <= size:
+        return vectors
+    rows = np.random.default_rng(0).choice(len(vectors), size, replace=False)
+    return vectors[np.sort(rows)]
+
+
+def _pack(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask, bitorder="little")
