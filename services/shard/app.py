@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgpack
 import structlog
@@ -12,6 +12,7 @@ from aiohttp import web
 from confluent_kafka import Consumer
 
 from proto.search import SearchRequest, SearchResponse
+from services.shard.batching import QueryBatcher
 from services.shard.metrics import ShardMetrics
 from services.shard.replicator import VectorReplicator
 from services.shard.settings import ShardSettings
@@ -25,6 +26,7 @@ SETTINGS = web.AppKey("settings", ShardSettings)
 STORE = web.AppKey("store", ShardStore)
 METRICS = web.AppKey("metrics", ShardMetrics)
 REPLICATOR = web.AppKey("replicator", VectorReplicator)
+BATCHER = web.AppKey("batcher", QueryBatcher)
 
 MSGPACK = "application/msgpack"
 
@@ -35,6 +37,9 @@ async def create_app(settings: ShardSettings) -> web.Application:
     app[SETTINGS] = settings
     app[STORE] = settings.new_store()
     app[METRICS] = ShardMetrics(app[REGISTRY], settings.shard_id)
+    app[BATCHER] = QueryBatcher(
+        app[STORE].search, settings.search_batch_max, _observe_batch(app[METRICS])
+    )
     app.cleanup_ctx.append(_replicator)
     app.router.add_post("/search", search)
     app.router.add_get("/stats", stats)
@@ -84,11 +89,9 @@ async def search(request: web.Request) -> web.Response:
     app = request.app
     if not app[READINESS].ready:
         raise web.HTTPServiceUnavailable(text=f"shard not ready: {app[READINESS].reason}")
-    with app[METRICS].search_seconds.time():
-        scores, ids = app[STORE].search(query.query_matrix(), query.k, query.filters)
-    if (time.perf_counter() - arrived) * 1000 > query.budget_ms:
-        app[METRICS].expired.inc()
-        raise web.HTTPGatewayTimeout(text="deadline passed before the answer was ready")
+    _drop_if_expired(app, arrived, query.budget_ms)
+    scores, ids = await app[BATCHER].search(query.query_matrix(), query.k, query.filters)
+    _drop_if_expired(app, arrived, query.budget_ms)
     answer = SearchResponse(
         shard_id=app[SETTINGS].shard_id,
         ids=ids,
@@ -96,6 +99,21 @@ async def search(request: web.Request) -> web.Response:
         searched=len(app[STORE]),
     )
     return web.Response(body=answer.to_wire(), content_type=MSGPACK)
+
+
+def _drop_if_expired(app: web.Application, arrived: float, budget_ms: float) -> None:
+    """Work the router has stopped waiting for is not worth a scan or the bytes back."""
+    if (time.perf_counter() - arrived) * 1000 > budget_ms:
+        app[METRICS].expired.inc()
+        raise web.HTTPGatewayTimeout(text="deadline passed before the answer was ready")
+
+
+def _observe_batch(metrics: ShardMetrics) -> Callable[[int, float], None]:
+    def observe(queries: int, seconds: float) -> None:
+        metrics.search_seconds.observe(seconds)
+        metrics.batch_queries.observe(queries)
+
+    return observe
 
 
 async def _replicator(app: web.Application) -> AsyncIterator[None]:

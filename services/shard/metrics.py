@@ -26,7 +26,8 @@ class ShardMetrics:
             registry=registry,
         )
         self.search_seconds = Histogram(
-            "vitrine_shard_search_duration_seconds", "Index search time per request",
+            "vitrine_shard_search_duration_seconds",
+            "Index search time per call (concurrent requests share a call)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=registry,
         )
@@ -46,4 +47,8 @@ class ShardMetrics:
         self.segment_rows = Gauge(
             "vitrine_shard_segment_rows", "Rows per segment (sealed rows include dead ones)",
             ["segment"], registry=registry,
+        )
+        self.batch_queries = Histogram(
+            "vitrine_shard_search_batch_queries", "Queries per index call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry,
         )

@@ -16,15 +16,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 
 from services.shard.attributes import CompiledFilter
 
-IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw"]
+IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw", "torch"]
 TRAINING_POINTS_PER_LIST = 64  # FAISS wants >= 39; more costs build time, not recall
+
+
+def resolve_index_type(kind: IndexType | Literal["auto"]) -> IndexType:
+    """"auto": the torch GPU scan where CUDA is present (checked without importing torch on
+    machines with no NVIDIA driver), else IVF-Flat on the CPU."""
+    if kind != "auto":
+        return kind
+    if Path("/dev/nvidiactl").exists():
+        from services.shard.torch_index import cuda_available
+
+        if cuda_available():
+            return "torch"
+    return "ivf_flat"
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,8 @@ class IndexSpec:
             return codes
         if self.kind == "hnsw":
             return f"HNSW{self.hnsw_m},{codes}"
+        if self.kind == "torch":
+            return "torch"
         nlist = self.nlist_for(n)
         if self.kind == "ivf_pq" and dim % self.pq_m == 0 and n >= 256 * 39:
             return f"IVF{nlist},PQ{self.pq_m}x8"
@@ -61,7 +77,7 @@ class IndexSpec:
 
 @dataclass
 class SealedSegment:
-    index: faiss.Index
+    index: Any  # a faiss.Index, or a TorchFlatIndex for kind "torch"
     ids: list[str]  # row -> product id
     seqs: np.ndarray  # row -> the store's change number of that vector (int64)
     vectors: np.ndarray  # row -> raw vector, float16 (n, dim)
@@ -93,6 +109,9 @@ class SealedSegment:
         allowed = None if where is None else where.mask(self.codes) & ~self.dead
         if allowed is not None and allowed.sum() <= self.spec.exact_filter_below:
             return self._brute_force(queries, k, np.flatnonzero(allowed))
+        if self.kind == "torch":  # a mask, not an IDSelector
+            live = ~self.dead if self.dead.any() else None
+            return self.index.search(queries, k, live if allowed is None else allowed)
         bits = self._live_bitmap() if allowed is None else _pack(allowed)
         pq = self.kind == "ivf_pq" and "PQ" in type(faiss.downcast_index(self.index)).__name__
         wanted = k * self.spec.refine_factor if pq else k
@@ -165,8 +184,9 @@ def build_sealed(
     rows still dead), or a freshly trained index over the given rows when `base` is None.
     Runs on a worker thread; FAISS releases the GIL while it trains and adds."""
     vectors16 = np.ascontiguousarray(vectors, dtype=np.float16)
+    index: Any
     if base is not None:
-        index = faiss.clone_index(base.index)
+        index = base.index.clone() if base.kind == "torch" else faiss.clone_index(base.index)
         index.add(vectors16.astype(np.float32))
         merged = SealedSegment(
             index=index,
@@ -180,26 +200,37 @@ def build_sealed(
         )
         merged.dead[: len(base)] = base.dead
         return merged
-    dim = vectors16.shape[1]
-    index = faiss.index_factory(dim, spec.factory_string(len(ids), dim), faiss.METRIC_INNER_PRODUCT)
-    if spec.kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efConstruction = spec.ef_construction  # type: ignore[attr-defined]
     full = vectors16.astype(np.float32)
-    trained_on = 0
-    if not index.is_trained:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.niter = 10  # k-means converges enough for IVF lists; 25 triples the build
-        if isinstance(ivf, faiss.IndexIVFPQ):
-            ivf.do_polysemous_training = False  # minutes of training for a search mode unused
-            ivf.pq.cp.niter = 10
-        index.train(_training_sample(full, TRAINING_POINTS_PER_LIST * ivf.nlist))
-        trained_on = len(full)
+    if spec.kind == "torch":
+        from services.shard.torch_index import TorchFlatIndex  # torch loads only if asked
+
+        index, trained_on = TorchFlatIndex(full.shape[1]), 0
+    else:
+        index, trained_on = _trained_faiss_index(spec, full)
     index.add(full)
     return SealedSegment(
         index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64), vectors=vectors16,
         codes=np.asarray(codes, dtype=np.int32), spec=spec, trained_on=trained_on,
         kind=spec.kind,
     )
+
+
+def _trained_faiss_index(spec: IndexSpec, vectors: np.ndarray) -> tuple[faiss.Index, int]:
+    """An empty index of the spec's kind, trained on a sample of `vectors` where it needs it;
+    with the number of rows it was trained for (0: needs no training)."""
+    n, dim = vectors.shape
+    index = faiss.index_factory(dim, spec.factory_string(n, dim), faiss.METRIC_INNER_PRODUCT)
+    if spec.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = spec.ef_construction  # type: ignore[attr-defined]
+    if index.is_trained:
+        return index, 0
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = 10  # k-means converges enough for IVF lists; 25 triples the build
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False  # minutes of training for a search mode unused
+        ivf.pq.cp.niter = 10
+    index.train(_training_sample(vectors, TRAINING_POINTS_PER_LIST * ivf.nlist))
+    return index, n
 
 
 def needs_rebuild(segment: SealedSegment, adding: int, dead_ratio: float) -> bool:
@@ -211,8 +242,10 @@ def needs_rebuild(segment: SealedSegment, adding: int, dead_ratio: float) -> boo
     return bool(segment.trained_on) and grown
 
 
-def index_bytes(index: faiss.Index) -> int:
+def index_bytes(index: Any) -> int:
     """Bytes FAISS holds for `index` (codes, ids, centroids, graph links), without a copy."""
+    if not isinstance(index, faiss.Index):
+        return int(index.nbytes())  # TorchFlatIndex
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexHNSW):
         links = 4 * index.hnsw.neighbors.size()  # type: ignore[attr-defined]

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.shard.segments import IndexSpec, IndexType
+from services.shard.segments import IndexSpec, IndexType, resolve_index_type
 from services.shard.store import ShardStore
 from vitrine.settings import CommonSettings
 
@@ -25,7 +26,11 @@ class ShardSettings(CommonSettings):
     rebuild_dead_ratio: float = Field(
         default=0.2, gt=0, le=1, description="dead sealed rows that trigger a full rebuild"
     )
-    index_type: IndexType = Field(default="ivf_flat", description="flat, ivf_flat, ivf_pq, hnsw")
+    index_type: IndexType | Literal["auto"] = Field(
+        default="auto",
+        description="flat, ivf_flat, ivf_pq, hnsw, torch; auto: torch (exact fp16) where CUDA "
+        "is present, else ivf_flat",
+    )
     index_fp16: bool = Field(default=False, description="fp16 codes (flat, ivf_flat, hnsw)")
     ivf_nlist: int = Field(default=0, ge=0, description="0: about 4*sqrt(n)")
     ivf_nprobe: int = Field(default=32, ge=1)
@@ -34,13 +39,16 @@ class ShardSettings(CommonSettings):
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=160, ge=1)
+    search_batch_max: int = Field(
+        default=256, ge=1, description="queries of concurrent requests per index call"
+    )
     exact_filter_below: int = Field(
         default=20_000, ge=0, description="filters passing fewer rows are answered exactly"
     )
 
     def index_spec(self) -> IndexSpec:
         return IndexSpec(
-            kind=self.index_type, fp16=self.index_fp16, nlist=self.ivf_nlist,
+            kind=resolve_index_type(self.index_type), fp16=self.index_fp16, nlist=self.ivf_nlist,
             nprobe=self.ivf_nprobe, pq_m=self.pq_m, refine_factor=self.pq_refine_factor,
             hnsw_m=self.hnsw_m, ef_construction=self.hnsw_ef_construction,
             ef_search=self.hnsw_ef_search, exact_filter_below=self.exact_filter_below,

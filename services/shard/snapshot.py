@@ -106,7 +106,8 @@ def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
     yield "growing_codes.npy", _npy_bytes(state.growing_codes)
     sealed = state.sealed
     if sealed is not None:
-        yield "sealed.faiss", faiss.serialize_index(sealed.index).tobytes()
+        if sealed.kind != "torch":  # a torch index is its raw vectors: rebuilt on load
+            yield "sealed.faiss", faiss.serialize_index(sealed.index).tobytes()
         yield "sealed_ids.msgpack", msgpack.packb(sealed.ids)
         yield "sealed_vectors.npy", _npy_bytes(sealed.vectors)
         yield "sealed_codes.npy", _npy_bytes(sealed.codes)
@@ -137,12 +138,19 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
     sealed, dead = None, np.zeros(0, dtype=bool)
     if manifest["sealed"] is not None:
         meta = manifest["sealed"]
-        index = faiss.deserialize_index(np.frombuffer(read("sealed.faiss"), dtype=np.uint8))
         ids = msgpack.unpackb(read("sealed_ids.msgpack"))
+        vectors = _npy(read("sealed_vectors.npy"))
+        if meta["kind"] == "torch":
+            from services.shard.torch_index import TorchFlatIndex
+
+            index: Any = TorchFlatIndex(vectors.shape[1])
+            index.add(vectors)
+        else:
+            index = faiss.deserialize_index(np.frombuffer(read("sealed.faiss"), dtype=np.uint8))
         sealed = SealedSegment(
-            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
-            vectors=_npy(read("sealed_vectors.npy")), codes=_npy(read("sealed_codes.npy")),
-            spec=spec, trained_on=meta["trained_on"], kind=meta["kind"],
+            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64), vectors=vectors,
+            codes=_npy(read("sealed_codes.npy")), spec=spec, trained_on=meta["trained_on"],
+            kind=meta["kind"],
         )
         dead = _npy(read("sealed_dead.npy")).astype(bool)
         if not len(ids) == meta["rows"] == index.ntotal == len(sealed.vectors) == len(dead):

@@ -12,7 +12,7 @@ from services.shard.segments import IndexSpec, IndexType
 from services.shard.store import ShardStore
 from vitrine.errors import InvalidQuery
 
-KINDS: list[IndexType] = ["flat", "ivf_flat", "ivf_pq", "hnsw"]
+KINDS: list[IndexType] = ["flat", "ivf_flat", "ivf_pq", "hnsw", "torch"]
 
 
 def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:

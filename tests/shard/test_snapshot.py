@@ -4,18 +4,19 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from proto.vectors import VectorRecord
-from services.shard.segments import IndexSpec
+from services.shard.segments import IndexSpec, IndexType
 from services.shard.snapshot import Snapshot, load_latest, write_snapshot
 from services.shard.store import ShardStore
 
 FIELDS = ["colour"]
 
 
-def filled_store(n: int, sealed: bool = True) -> ShardStore:
-    """n products, the first ones sealed (HNSW), a few updated and deleted after sealing."""
-    store = ShardStore(IndexSpec(kind="hnsw"), FIELDS, seal_threshold=10**9)
+def filled_store(n: int, sealed: bool = True, kind: IndexType = "hnsw") -> ShardStore:
+    """n products, the first ones sealed, a few updated and deleted after sealing."""
+    store = ShardStore(IndexSpec(kind=kind), FIELDS, seal_threshold=10**9)
     vectors = np.random.default_rng(n).standard_normal((n, 8)).astype(np.float32)
     for i, vector in enumerate(vectors):
         colour = {"colour": "red" if i % 2 else "blue"}
@@ -46,12 +47,14 @@ def restored(found: Snapshot | None) -> ShardStore:
     return store
 
 
-def test_a_snapshot_round_trips_both_segments(tmp_path: Path) -> None:
-    original = filled_store(40)
+@pytest.mark.parametrize("kind", ["hnsw", "ivf_flat", "torch"])
+def test_a_snapshot_round_trips_both_segments(tmp_path: Path, kind: IndexType) -> None:
+    original = filled_store(40, kind=kind)
     write_snapshot(tmp_path, Snapshot(original.export(), {0: 40, 2: 41}, "catalog.vectors", 2, 0))
     found = load(tmp_path)
-    store = restored(found)
     assert found is not None and found.next_offsets == {0: 40, 2: 41}
+    store = ShardStore(IndexSpec(kind=kind), FIELDS)
+    store.load(found.state)
     assert store.live_versions() == original.live_versions()
     assert store.versions == original.versions  # tombstones too
     assert store.sealed is not None and store.sealed.dead_count == 2  # p0 updated, p1 deleted
