@@ -23,6 +23,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from synthetic import clustered, near  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
 
 from proto.vectors import VectorRecord
@@ -32,18 +33,6 @@ from services.shard.snapshot import Snapshot, load_latest, write_snapshot
 from services.shard.store import ShardStore
 
 MODEL_ID = "bench-random"
-
-
-def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int) -> np.ndarray:
-    """Unit vectors around `clusters` centres, made in chunks to bound memory."""
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 100_000):
-        stop = min(n, start + 100_000)
-        x = centres[rng.integers(0, clusters, stop - start)]
-        x += 0.35 * rng.standard_normal(x.shape).astype(np.float32)
-        out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -101,7 +90,7 @@ def measure(
     b50, b99 = percentiles(batched) if batched else (float("nan"), float("nan"))
     return {
         "index": f"{kind}{' fp16' if fp16 else ''}",
-        "faiss": faiss.downcast_index(sealed.index).__class__.__name__,
+        "structure": index_name(sealed.index),
         "build s": f"{build_s:.1f}",
         "1q p50/p99 ms": f"{s50:.2f} / {s99:.2f}",
         "64q p50/p99 ms": f"{b50:.1f} / {b99:.1f}",
@@ -110,6 +99,12 @@ def measure(
         "B/vec shard": f"{store.nbytes() / n:.0f}",
         "snap write/load s": f"{write_s:.1f} / {load_s:.1f}",
     }
+
+
+def index_name(index: object) -> str:
+    if isinstance(index, faiss.Index):
+        return type(faiss.downcast_index(index)).__name__
+    return f"{type(index).__name__} ({index.device})"  # type: ignore[attr-defined]
 
 
 def print_table(rows: list[dict[str, str]]) -> None:
@@ -136,9 +131,7 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         rng = np.random.default_rng(args.seed)
         vectors = clustered(rng, size, args.dim, clusters=max(16, size // 1000))
-        picked = rng.integers(0, size, args.queries)
-        queries = vectors[picked] + 0.1 * rng.standard_normal((args.queries, args.dim))
-        queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+        queries = near(rng, vectors, args.queries)
         truth = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
         base = ShardStore(seal_threshold=10**12)
         rate = catch_up(base, vectors)

@@ -4,13 +4,14 @@ tables; not a test).
     .venv/bin/python benchmarks/router_load.py [--vectors 200000] [--rates 10,25,50]
         [--deadline-ms 80] [--requests 300] [--max-seconds 20] [--sequential 200]
 
-1. load N random unit vectors (dim 384, f16) straight to catalog.vectors, and metadata to Redis;
+1. load N clustered unit vectors (dim 384, f16) straight to catalog.vectors, metadata to Redis;
 2. open-loop text queries at fixed rates (cold cache: every text new; warm: repeated texts):
    client-observed p50/p95/p99/max, errors, partial answers;
 3. the same at one rate with one replica stalled (SIGSTOP for the scenario) and one killed;
 4. router overhead: sequential pre-encoded vectors straight to one shard replica vs warm-cache
    text through the router, and cold-cache sequential text through the router;
-5. recall@10 of the merged per-shard answers against exact numpy search.
+5. recall@10 of the merged per-shard answers against exact numpy search, for queries near
+   catalog items and for random directions (text queries sit between the two).
 
 Latencies in the open-loop runs count from each request's scheduled send time, so a stalled
 client does not hide queueing (no coordinated omission). Everything is bounded by count and
@@ -38,6 +39,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
+from synthetic import clustered, near  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
 
 from proto.search import SearchRequest, SearchResponse
@@ -79,6 +81,7 @@ def generate_and_produce(
     """Produce n upserts; returns the vectors (f16, as the shards hold them) and the expected
     count per shard."""
     rng = np.random.default_rng(seed)
+    clusters = max(16, n // 1000)
     vectors = np.empty((n, DIM), dtype=np.float16)
     per_shard = [0] * settings.num_shards
     producer = Producer(producer_config(
@@ -94,7 +97,7 @@ def generate_and_produce(
     chunk = 50_000
     with tqdm(total=n, desc="produce vectors", unit="vec", file=sys.stderr) as bar:
         for start in range(0, n, chunk):
-            block = unit_vectors(rng, min(chunk, n - start)).astype(np.float16)
+            block = clustered(rng, min(chunk, n - start), DIM, clusters).astype(np.float16)
             vectors[start:start + len(block)] = block
             for j, vec in enumerate(block):
                 pid = product_id(start + j)
@@ -287,7 +290,11 @@ async def sequential_direct(
 
 
 async def recall_at_10(
-    session: aiohttp.ClientSession, stack: LocalStack, vectors: np.ndarray, queries: np.ndarray
+    session: aiohttp.ClientSession,
+    stack: LocalStack,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    kind: str,
 ) -> list[tuple[str, float]]:
     """Exact top-10 with numpy vs the merge of every shard's answer, per replica set."""
     exact_scores = []
@@ -314,7 +321,7 @@ async def recall_at_10(
         for q in range(len(queries)):
             got = {hit.product_id for hit in merge_topk(responses, 10, query=q)}
             hits += len(got & truth[q])
-        rows.append((f"replica set r{replica} (every shard's replica {replica})",
+        rows.append((f"{kind}, replica set r{replica} (every shard's replica {replica})",
                      hits / (10 * len(queries))))
     return rows
 
@@ -390,7 +397,9 @@ async def measure(args: argparse.Namespace, stack: LocalStack, vectors: np.ndarr
 
         # part 6: recall
         recall = await recall_at_10(session, stack, vectors,
-                                    unit_vectors(rng, args.recall_queries))
+                                    near(rng, vectors, args.recall_queries), "near catalog items")
+        recall += await recall_at_10(session, stack, vectors,
+                                     unit_vectors(rng, args.recall_queries), "random directions")
 
         # part 3: open loop at each rate, cold texts; one warm-cache scenario
         results = []
@@ -453,8 +462,8 @@ async def measure(args: argparse.Namespace, stack: LocalStack, vectors: np.ndarr
         ("bad answers (non-200 / partial / empty): direct, warm, cold",
          f"{direct_bad}, {warm_bad}, {cold_bad}"),
     ])
-    print_header(f"Part 6: recall@10 vs exact numpy top-10, {args.recall_queries} random "
-                 "query vectors, per-shard answers merged with merge_topk", args_line)
+    print_header(f"Part 6: recall@10 vs exact numpy top-10, {args.recall_queries} queries "
+                 "of each kind, per-shard answers merged with merge_topk", args_line)
     print_rows([(name, f"{value:.4f}") for name, value in recall])
 
 
@@ -468,6 +477,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=200, help="K for part 5")
     parser.add_argument("--recall-queries", type=int, default=50)
     parser.add_argument("--fault-rate", type=float, default=0, help="0: the lowest rate")
+    parser.add_argument("--index-type", default="auto", help="VITRINE_INDEX_TYPE of the shards")
     parser.add_argument("--stall-replica", default="shard-1")
     parser.add_argument("--kill-replica", default="shard-0-r1")
     parser.add_argument("--seed", type=int, default=0)
@@ -479,7 +489,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitrine-router-load-") as state:
         settings = StackSettings(num_shards=4, shard_replicas=2, router_port=0,
                                  state_dir=Path(state), kafka_bootstrap=None, redis_url=None,
-                                 deadline_ms=args.deadline_ms)
+                                 deadline_ms=args.deadline_ms,
+                                 service_env={"VITRINE_INDEX_TYPE": args.index_type})
         stack = LocalStack(settings)
         started = time.perf_counter()
         stack.start()
