@@ -85,6 +85,7 @@ class _Race:
         self.tried: list[Replica] = []
         self.hedged = False
         self.won = False
+        self.began = time.monotonic()
 
     async def run(self) -> SearchResponse:
         try:
@@ -117,6 +118,10 @@ class _Race:
                 if exc is None:
                     self._settle(task, Outcome.OK)
                     self.won = True
+                    if self.call.metrics is not None:
+                        self.call.metrics.shard_seconds.labels(str(self.group.shard)).observe(
+                            time.monotonic() - self.began
+                        )
                     return task.result()
                 error = exc
                 self._settle(task, Outcome.TIMEOUT if isinstance(exc, TimeoutError)

@@ -12,6 +12,11 @@ class RouterMetrics:
             "vitrine_router_stage_duration_seconds", "Time per query stage",
             ["stage"], buckets=_STAGE_BUCKETS, registry=registry,
         )
+        self.shard_seconds = Histogram(
+            "vitrine_router_shard_duration_seconds",
+            "From the fan-out to each shard's winning answer (hedges and retries included)",
+            ["shard"], buckets=_STAGE_BUCKETS, registry=registry,
+        )
         self.queries = Counter(
             "vitrine_router_queries_total", "Queries answered, by kind and completeness",
             ["kind", "complete"], registry=registry,

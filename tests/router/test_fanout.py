@@ -181,6 +181,10 @@ async def test_a_slow_primary_is_hedged_after_the_delay_and_the_first_answer_win
     assert count(metrics, registry, "vitrine_router_replica_requests_total",
                  outcome="cancelled", **loser) == 1
     assert replicas.groups[0].replicas[0].consecutive_failures == 0, "losing is not failing"
+    shard = {"shard": "0"}
+    assert count(metrics, registry, "vitrine_router_shard_duration_seconds_count", **shard) == 1
+    waited = count(metrics, registry, "vitrine_router_shard_duration_seconds_sum", **shard)
+    assert 0.1 - 0.01 <= waited < 1.0  # the hedge's answer: after the delay, before the primary
 
 
 async def test_a_fast_primary_gets_no_hedge(
