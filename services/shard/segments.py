@@ -6,9 +6,11 @@ and searches skip dead rows with an IDSelector applied inside the index scan. Me
 growing buffer in is `clone + add` on a background thread; a full rebuild (retrain, dead rows
 dropped) happens when the dead ratio or the growth since training passes its threshold.
 
-The raw vectors stay beside the index in fp16: they make rebuilds and snapshots independent of
-the index type, re-rank IVF-PQ candidates exactly, and answer selective filters by brute force
-(exact, and faster than an ANN scan that rejects most rows).
+The raw vectors stay beside the index in fp16 (unless `raw_vectors` is off, for catalogs whose
+raw vectors do not fit in memory): they make rebuilds and snapshots independent of the index
+type, re-rank IVF-PQ candidates exactly, and answer selective filters by brute force (exact,
+and faster than an ANN scan that rejects most rows). Without them a rebuild decodes the vectors
+from the index (lossy for PQ) and filters always run inside the index scan.
 Covered by tests/shard/test_segments.py.
 """
 
@@ -56,6 +58,7 @@ class IndexSpec:
     ef_search: int = 160
     exact_filter_below: int = 20_000  # a filter passing fewer rows is answered by brute force
     retrain_growth: float = 4.0  # retrain IVF once the segment is this many times its training
+    raw_vectors: bool = True  # keep fp16 raw vectors beside the index (see the module doc)
 
     def nlist_for(self, n: int) -> int:
         wanted = self.nlist or int(2 * math.sqrt(n))
@@ -80,7 +83,7 @@ class SealedSegment:
     index: Any  # a faiss.Index, or a TorchFlatIndex for kind "torch"
     ids: list[str]  # row -> product id
     seqs: np.ndarray  # row -> the store's change number of that vector (int64)
-    vectors: np.ndarray  # row -> raw vector, float16 (n, dim)
+    vectors: np.ndarray | None  # row -> raw vector, float16 (n, dim); None: not kept
     codes: np.ndarray  # row -> attribute codes, int32 (n, fields)
     spec: IndexSpec  # how it is searched (and rebuilt): the current settings
     trained_on: int  # rows the index was trained on (0: needs no training)
@@ -107,13 +110,17 @@ class SealedSegment:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) of the best live rows passing the filter, best first, -1 padded."""
         allowed = None if where is None else where.mask(self.codes) & ~self.dead
-        if allowed is not None and allowed.sum() <= self.spec.exact_filter_below:
+        brute_force = self.vectors is not None and allowed is not None and \
+            allowed.sum() <= self.spec.exact_filter_below
+        if brute_force:
+            assert allowed is not None
             return self._brute_force(queries, k, np.flatnonzero(allowed))
         if self.kind == "torch":  # a mask, not an IDSelector
             live = ~self.dead if self.dead.any() else None
             return self.index.search(queries, k, live if allowed is None else allowed)
         bits = self._live_bitmap() if allowed is None else _pack(allowed)
         pq = self.kind == "ivf_pq" and "PQ" in type(faiss.downcast_index(self.index)).__name__
+        pq = pq and self.vectors is not None  # re-ranking needs the raw vectors
         wanted = k * self.spec.refine_factor if pq else k
         params, selector = self._params(bits)
         scores, rows = self.index.search(queries, min(wanted, len(self)), params=params)
@@ -149,7 +156,7 @@ class SealedSegment:
             nq = len(queries)
             return np.zeros((nq, 0), dtype=np.float32), np.zeros((nq, 0), dtype=np.int64)
         scores, picked = faiss.knn(
-            queries, self.vectors[rows].astype(np.float32), min(k, len(rows)),
+            queries, self.raw(rows), min(k, len(rows)),
             metric=faiss.METRIC_INNER_PRODUCT,
         )
         return scores, np.where(picked >= 0, rows[np.maximum(picked, 0)], -1)
@@ -159,7 +166,7 @@ class SealedSegment:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores from the raw vectors for the PQ candidates (FAISS' IndexRefine idea)."""
         safe = np.maximum(rows, 0)
-        exact = np.einsum("qcd,qd->qc", self.vectors[safe].astype(np.float32), queries)
+        exact = np.einsum("qcd,qd->qc", self.raw(safe), queries)
         exact[rows < 0] = -np.inf
         order = np.argsort(-exact, axis=1)[:, :k]
         scores = np.take_along_axis(exact, order, axis=1)
@@ -167,9 +174,20 @@ class SealedSegment:
         picked[~np.isfinite(scores)] = -1
         return scores.astype(np.float32), picked
 
+    def raw(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of `rows`: kept ones, else decoded from the index (lossy for PQ)."""
+        if self.vectors is not None:
+            return self.vectors[rows].astype(np.float32)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+            ivf.make_direct_map()
+        flat = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return self.index.reconstruct_batch(flat).reshape(*np.shape(rows), -1)
+
     def index_bytes(self) -> int:
         """Memory of the ANN structure, the raw vectors and the row tables."""
-        return index_bytes(self.index) + self.vectors.nbytes + self.codes.nbytes + 16 * len(self)
+        raw = self.vectors.nbytes if self.vectors is not None else 0
+        return index_bytes(self.index) + raw + self.codes.nbytes + 16 * len(self)
 
 
 def build_sealed(
@@ -192,7 +210,7 @@ def build_sealed(
             index=index,
             ids=base.ids + list(ids),
             seqs=np.concatenate([base.seqs, seqs]),
-            vectors=np.concatenate([base.vectors, vectors16]),
+            vectors=None if base.vectors is None else np.concatenate([base.vectors, vectors16]),
             codes=np.concatenate([base.codes, codes]),
             spec=spec,
             trained_on=base.trained_on,
@@ -209,7 +227,8 @@ def build_sealed(
         index, trained_on = _trained_faiss_index(spec, full)
     index.add(full)
     return SealedSegment(
-        index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64), vectors=vectors16,
+        index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64),
+        vectors=vectors16 if spec.raw_vectors or spec.kind == "torch" else None,
         codes=np.asarray(codes, dtype=np.int32), spec=spec, trained_on=trained_on,
         kind=spec.kind,
     )

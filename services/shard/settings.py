@@ -39,6 +39,10 @@ class ShardSettings(CommonSettings):
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=160, ge=1)
+    keep_raw_vectors: bool = Field(
+        default=True, description="fp16 raw vectors beside the sealed index (exact re-rank, "
+        "exact selective filters, lossless rebuilds); off when they do not fit in memory",
+    )
     search_batch_max: int = Field(
         default=256, ge=1, description="queries of concurrent requests per index call"
     )
@@ -52,6 +56,7 @@ class ShardSettings(CommonSettings):
             nprobe=self.ivf_nprobe, pq_m=self.pq_m, refine_factor=self.pq_refine_factor,
             hnsw_m=self.hnsw_m, ef_construction=self.hnsw_ef_construction,
             ef_search=self.hnsw_ef_search, exact_filter_below=self.exact_filter_below,
+            raw_vectors=self.keep_raw_vectors,
         )
 
     def new_store(self) -> ShardStore:

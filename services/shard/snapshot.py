@@ -109,7 +109,8 @@ def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
         if sealed.kind != "torch":  # a torch index is its raw vectors: rebuilt on load
             yield "sealed.faiss", faiss.serialize_index(sealed.index).tobytes()
         yield "sealed_ids.msgpack", msgpack.packb(sealed.ids)
-        yield "sealed_vectors.npy", _npy_bytes(sealed.vectors)
+        if sealed.vectors is not None:
+            yield "sealed_vectors.npy", _npy_bytes(sealed.vectors)
         yield "sealed_codes.npy", _npy_bytes(sealed.codes)
         yield "sealed_dead.npy", _npy_bytes(state.sealed_dead)
 
@@ -117,7 +118,10 @@ def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
 def _sealed_manifest(sealed: SealedSegment | None) -> dict[str, Any] | None:
     if sealed is None:
         return None
-    return {"rows": len(sealed), "kind": sealed.kind, "trained_on": sealed.trained_on}
+    return {
+        "rows": len(sealed), "kind": sealed.kind, "trained_on": sealed.trained_on,
+        "raw_vectors": sealed.vectors is not None,
+    }
 
 
 def _load(path: Path, spec: IndexSpec) -> Snapshot:
@@ -139,10 +143,11 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
     if manifest["sealed"] is not None:
         meta = manifest["sealed"]
         ids = msgpack.unpackb(read("sealed_ids.msgpack"))
-        vectors = _npy(read("sealed_vectors.npy"))
+        vectors = _npy(read("sealed_vectors.npy")) if meta["raw_vectors"] else None
         if meta["kind"] == "torch":
             from services.shard.torch_index import TorchFlatIndex
 
+            assert vectors is not None  # a torch index is its raw vectors
             index: Any = TorchFlatIndex(vectors.shape[1])
             index.add(vectors)
         else:
@@ -153,7 +158,8 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
             kind=meta["kind"],
         )
         dead = _npy(read("sealed_dead.npy")).astype(bool)
-        if not len(ids) == meta["rows"] == index.ntotal == len(sealed.vectors) == len(dead):
+        raw_rows = len(ids) if vectors is None else len(vectors)
+        if not len(ids) == meta["rows"] == index.ntotal == raw_rows == len(dead):
             raise ValueError("sealed segment counts do not match")
     state = StoreState(
         dim=manifest["dim"],

@@ -175,7 +175,7 @@ class ShardStore:
             live = np.flatnonzero(~base.dead)
             ids = [base.ids[r] for r in live] + ids
             seqs = np.concatenate([base.seqs[live], seqs])
-            vectors = np.concatenate([base.vectors[live].astype(np.float32), vectors])
+            vectors = np.concatenate([base.raw(live), vectors])
             codes = np.concatenate([base.codes[live], codes])
             frozen = ids[len(live):]
             base = None

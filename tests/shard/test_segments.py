@@ -34,10 +34,13 @@ def exact_top(vectors: dict[str, np.ndarray], query: np.ndarray, k: int) -> list
     return [ids[j] for j in np.argsort(-scores)[:k]]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_updates_and_deletes_of_sealed_vectors_are_respected(kind: IndexType) -> None:
+@pytest.mark.parametrize(
+    ("kind", "raw"), [(kind, True) for kind in KINDS] + [("ivf_pq", False), ("hnsw", False)]
+)
+def test_updates_and_deletes_of_sealed_vectors_are_respected(kind: IndexType, raw: bool) -> None:
     vectors = clustered(10_000 if kind == "ivf_pq" else 2_000, 32)
-    store = ShardStore(IndexSpec(kind=kind, pq_m=8, nprobe=64), ["colour"], seal_threshold=500)
+    spec = IndexSpec(kind=kind, pq_m=8, nprobe=64, raw_vectors=raw)
+    store = ShardStore(spec, ["colour"], seal_threshold=500)
     fill(store, vectors)
     asyncio.run(store.seal())
     assert store.sealed is not None and len(store.sealed) == len(vectors)
@@ -78,9 +81,11 @@ def test_writes_during_a_build_win_over_the_frozen_rows() -> None:
     assert store.search(vectors[1][None], 1)[1] != [["p1"]]
 
 
-def test_a_sealed_segment_full_of_dead_rows_is_rebuilt_without_them() -> None:
+@pytest.mark.parametrize("raw", [True, False], ids=["raw vectors kept", "decoded from index"])
+def test_a_sealed_segment_full_of_dead_rows_is_rebuilt_without_them(raw: bool) -> None:
     vectors = clustered(1_000, 16)
-    store = ShardStore(IndexSpec(kind="ivf_flat"), seal_threshold=10**6, rebuild_dead_ratio=0.2)
+    spec = IndexSpec(kind="ivf_flat", raw_vectors=raw)
+    store = ShardStore(spec, seal_threshold=10**6, rebuild_dead_ratio=0.2)
     fill(store, vectors)
     asyncio.run(store.seal())
     for i in range(300):
@@ -90,6 +95,8 @@ def test_a_sealed_segment_full_of_dead_rows_is_rebuilt_without_them() -> None:
     assert store.sealed is not None and len(store.sealed) == 700 and store.sealed.dead_count == 0
     assert sorted(store.live_versions()) == sorted(f"p{i}" for i in range(300, 1000))
     assert not store.wants_seal()
+    assert (store.sealed.vectors is not None) == raw
+    assert store.search(vectors[[500, 900]], 1)[1] == [["p500"], ["p900"]]
 
 
 @pytest.mark.parametrize("exact_below", [0, 10**6], ids=["in-index selector", "brute force"])

@@ -14,9 +14,11 @@ from services.shard.store import ShardStore
 FIELDS = ["colour"]
 
 
-def filled_store(n: int, sealed: bool = True, kind: IndexType = "hnsw") -> ShardStore:
+def filled_store(
+    n: int, sealed: bool = True, kind: IndexType = "hnsw", raw: bool = True
+) -> ShardStore:
     """n products, the first ones sealed, a few updated and deleted after sealing."""
-    store = ShardStore(IndexSpec(kind=kind), FIELDS, seal_threshold=10**9)
+    store = ShardStore(IndexSpec(kind=kind, raw_vectors=raw), FIELDS, seal_threshold=10**9)
     vectors = np.random.default_rng(n).standard_normal((n, 8)).astype(np.float32)
     for i, vector in enumerate(vectors):
         colour = {"colour": "red" if i % 2 else "blue"}
@@ -47,14 +49,16 @@ def restored(found: Snapshot | None) -> ShardStore:
     return store
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf_flat", "torch"])
-def test_a_snapshot_round_trips_both_segments(tmp_path: Path, kind: IndexType) -> None:
-    original = filled_store(40, kind=kind)
+@pytest.mark.parametrize(("kind", "raw"), [("hnsw", True), ("ivf_flat", True),
+                                            ("torch", True), ("ivf_flat", False)])
+def test_a_snapshot_round_trips_both_segments(tmp_path: Path, kind: IndexType, raw: bool) -> None:
+    original = filled_store(40, kind=kind, raw=raw)
     write_snapshot(tmp_path, Snapshot(original.export(), {0: 40, 2: 41}, "catalog.vectors", 2, 0))
     found = load(tmp_path)
     assert found is not None and found.next_offsets == {0: 40, 2: 41}
-    store = ShardStore(IndexSpec(kind=kind), FIELDS)
+    store = ShardStore(IndexSpec(kind=kind, raw_vectors=raw), FIELDS)
     store.load(found.state)
+    assert store.sealed is not None and (store.sealed.vectors is not None) == raw
     assert store.live_versions() == original.live_versions()
     assert store.versions == original.versions  # tombstones too
     assert store.sealed is not None and store.sealed.dead_count == 2  # p0 updated, p1 deleted
