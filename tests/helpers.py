@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
 from confluent_kafka import Consumer
 from prometheus_client.parser import text_string_to_metric_families
 
+from proto.catalog import CatalogEvent
 from proto.dlq import DeadLetter
 from vitrine.kafka import consumer_config
 
@@ -105,3 +107,32 @@ class DeadLetterReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+# auditing shard content against the events (tests/shard/test_crash.py, tests/e2e/test_reshard.py)
+
+
+def content(shard_url: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{shard_url}/content", timeout=30) as response:
+        return msgpack.unpackb(response.read())  # type: ignore[no-any-return]
+
+
+def script(events: list[CatalogEvent]) -> list[CatalogEvent]:
+    """The upserts, with every 10th product updated and every 25th deleted later on."""
+    stream = list(events)
+    for i, event in enumerate(events):
+        if i % 10 == 3:
+            stream.append(event.model_copy(update={"version": event.version + 1, "title": "v2"}))
+        if i % 25 == 7:
+            stream.append(
+                CatalogEvent(op="delete", product_id=event.product_id, version=event.version + 2)
+            )
+    return stream
+
+
+def expected_content(stream: list[CatalogEvent]) -> dict[str, int]:
+    latest: dict[str, CatalogEvent] = {}
+    for event in stream:
+        if event.product_id not in latest or event.version > latest[event.product_id].version:
+            latest[event.product_id] = event
+    return {pid: e.version for pid, e in latest.items() if e.op == "upsert"}

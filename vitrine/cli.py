@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from proto.catalog import catalog_event_json_schema
+from vitrine.control import ControlServer, request_reshard
 from vitrine.errors import VitrineError
 from vitrine.ingest import EventPublisher, count_rows, events_from_csv, publish_all
 from vitrine.service import configure_logging
@@ -43,10 +44,13 @@ def up(
     stack = LocalStack(_stack_settings(shards, port, file_root))
     stack.start()
     stack.supervise()
+    control = ControlServer(stack)  # `vitrine reshard` asks this process to do it
+    control.start()
     typer.echo(f"Vitrine is up: {stack.router_url}/search?q=red+shoes  (Ctrl-C to stop)")
     typer.echo(f"broker {stack.kafka_bootstrap}  redis {stack.redis_url}  logs {stack.log_dir}")
     _wait_for_signal()
     typer.echo("stopping...")
+    control.stop()
     stack.stop()
 
 
@@ -94,6 +98,23 @@ def status(
         if not watch:
             return
         time.sleep(1.0)
+
+
+@app.command()
+def reshard(
+    shards: Annotated[int, typer.Argument(help="the new number of shards")],
+) -> None:
+    """Re-shard the running stack without downtime: a new fleet replays its partitions beside
+    the old one, the router switches once all of it is ready, then the old fleet stops."""
+    found = read_run_file(StackSettings().state_dir)
+    if found is None:
+        raise typer.BadParameter("no running stack found: start `vitrine up` first")
+    try:
+        for line in request_reshard(found, shards):
+            typer.echo(line)
+    except VitrineError as exc:
+        typer.secho(f"re-shard failed: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -3,6 +3,9 @@ router as child processes on loopback, the way Kubernetes would run them as pods
 
 External Kafka or Redis are used instead when `VITRINE_KAFKA_BOOTSTRAP` / `VITRINE_REDIS_URL`
 are set. A run file records where everything listens, for commands in other terminals.
+`LocalStack.reshard` swaps the shard fleet blue/green, as the README's Kubernetes procedure
+does (`vitrine reshard` reaches it through `vitrine/control.py`); covered by
+`tests/e2e/test_reshard.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,8 +22,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +36,7 @@ from pydantic import Field
 from vitrine.errors import VitrineError
 from vitrine.kafka import ensure_topics
 from vitrine.settings import CommonSettings
+from vitrine.status import probe
 
 log = structlog.get_logger()
 
@@ -45,6 +52,12 @@ class StackSettings(CommonSettings):
         default=Path.home() / ".vitrine", description="run file, logs and local data"
     )
     start_timeout_s: float = 180.0
+    reshard_timeout_s: float = Field(
+        default=3600.0, gt=0, description="how long a new fleet may take to catch up"
+    )
+    reshard_drain_s: float = Field(
+        default=3.0, ge=0, description="the old fleet finishes in-flight queries this long"
+    )
     service_env: dict[str, str] = Field(
         default_factory=dict, description="extra VITRINE_* settings for every child service"
     )
@@ -62,6 +75,26 @@ class Child:
     started_at: float = 0.0
     failures: int = 0  # consecutive early deaths, for the restart backoff
     restart_at: float | None = None
+
+
+@dataclass
+class ShardFleet:
+    """One generation of shard children: names and URLs per shard, replicas in order."""
+
+    generation: int = 1
+    names: list[list[str]] = field(default_factory=list)
+    urls: list[list[str]] = field(default_factory=list)
+
+    @property
+    def children(self) -> list[str]:
+        return [name for replicas in self.names for name in replicas]
+
+    def shard_list(self) -> str:
+        """As the router reads it (VITRINE_SHARD_URLS): replicas by '|', shards by ','."""
+        return ",".join("|".join(urls) for urls in self.urls)
+
+
+Progress = Callable[[str], None]
 
 
 def free_port() -> int:
@@ -92,12 +125,24 @@ class LocalStack:
         self.kafka_bootstrap = settings.kafka_bootstrap or ""
         self.redis_url = settings.redis_url or ""
         self.router_url = ""
-        self.shard_urls: list[str] = []  # the first replica of each shard
-        self.replica_urls: list[list[str]] = []  # every replica, per shard
+        self.fleet = ShardFleet()
         self.encoder_url = ""
         self.log_dir = settings.state_dir / "logs"
+        self.admin_token = secrets.token_urlsafe(24)  # the router's VITRINE_ADMIN_TOKEN
         self.lock = threading.RLock()  # the supervisor thread and callers start/stop children
+        self.stopping = threading.Event()
+        self.extra_run_info: dict[str, Any] = {}  # e.g. the control server's address
         self._supervisor: Supervisor | None = None
+        self._resharding = threading.Lock()
+
+    @property
+    def shard_urls(self) -> list[str]:
+        """The first replica of each shard of the current fleet."""
+        return [urls[0] for urls in self.fleet.urls]
+
+    @property
+    def replica_urls(self) -> list[list[str]]:
+        return self.fleet.urls
 
     def supervise(self, **backoff: float) -> None:
         """Restart children that die, as Kubernetes would (see `Supervisor`)."""
@@ -115,7 +160,7 @@ class LocalStack:
                     self.start_child(name, wait=False)
             for name in self.children:
                 self.wait_ready(name)
-            self._write_run_file()
+            self.write_run_file()
         except BaseException:
             self.stop()
             raise
@@ -145,36 +190,48 @@ class LocalStack:
         s = self.settings
         common = self._common_env()
         python = [sys.executable, "-m"]
-        for shard in range(s.num_shards):
-            urls = []
-            for replica in range(s.shard_replicas):
-                name = f"shard-{shard}" if replica == 0 else f"shard-{shard}-r{replica}"
-                port = free_port()
-                urls.append(f"http://127.0.0.1:{port}")
-                env = {"VITRINE_SHARD_ID": str(shard), "VITRINE_NUM_SHARDS": str(s.num_shards),
-                       "VITRINE_SHARD_PORT": str(port),
-                       "VITRINE_SNAPSHOT_DIR": str(s.state_dir / "snapshots" / name)}
-                self._add(name, [*python, "services.shard"], {**common, **env},
-                          f"{urls[-1]}/readyz")
-            self.replica_urls.append(urls)
-            self.shard_urls.append(urls[0])
+        self.fleet = self._plan_shards(s.num_shards, generation=1)
         port = free_port()
         self.encoder_url = f"http://127.0.0.1:{port}"
         self._add("encoder", [*python, "services.encoder"],
                   {**common, "VITRINE_ENCODER_PORT": str(port)}, f"{self.encoder_url}/readyz")
         port = s.router_port or free_port()
         self.router_url = f"http://127.0.0.1:{port}"
-        shards = ",".join("|".join(urls) for urls in self.replica_urls)
-        env = {"VITRINE_ROUTER_PORT": str(port), "VITRINE_SHARD_URLS": shards}
+        env = {"VITRINE_ROUTER_PORT": str(port), "VITRINE_SHARD_URLS": self.fleet.shard_list(),
+               "VITRINE_ADMIN_TOKEN": self.admin_token}
         self._add("router", [*python, "services.router"], {**common, **env},
                   f"{self.router_url}/readyz")
+
+    def _plan_shards(self, num_shards: int, generation: int) -> ShardFleet:
+        """Children for a fleet of `num_shards`, each with its own snapshot dir. Generation 1
+        has the plain names (shard-0, shard-0-r1); a re-shard's are shard-g2-0, shard-g2-0-r1."""
+        prefix = "shard-" if generation == 1 else f"shard-g{generation}-"
+        common = {**self._common_env(), "VITRINE_NUM_SHARDS": str(num_shards)}
+        fleet = ShardFleet(generation)
+        for shard in range(num_shards):
+            names, urls = [], []
+            for replica in range(self.settings.shard_replicas):
+                name = f"{prefix}{shard}" + (f"-r{replica}" if replica else "")
+                port = free_port()
+                env = {"VITRINE_SHARD_ID": str(shard), "VITRINE_SHARD_PORT": str(port),
+                       "VITRINE_SNAPSHOT_DIR": str(self._snapshot_dir(name))}
+                names.append(name)
+                urls.append(f"http://127.0.0.1:{port}")
+                self._add(name, [sys.executable, "-m", "services.shard"], {**common, **env},
+                          f"{urls[-1]}/readyz")
+            fleet.names.append(names)
+            fleet.urls.append(urls)
+        return fleet
+
+    def _snapshot_dir(self, name: str) -> Path:
+        return self.settings.state_dir / "snapshots" / name
 
     def _common_env(self) -> dict[str, str]:
         """Every shared setting travels to the children, with the endpoints we resolved."""
         env: dict[str, str] = {}
         for name in CommonSettings.model_fields:
             value = getattr(self.settings, name)
-            env[f"VITRINE_{name.upper()}"] = "" if value is None else str(value)
+            env[f"VITRINE_{name.upper()}"] = _env_value(value)
         if self.settings.compute_threads is None:  # every process here shares this machine
             processes = self.settings.num_shards * self.settings.shard_replicas + 2
             env["VITRINE_COMPUTE_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
@@ -184,7 +241,14 @@ class LocalStack:
         return {**env, **self.settings.service_env}
 
     def _add(self, name: str, args: list[str], env: dict[str, str], health: str | None) -> None:
-        self.children[name] = Child(name, args, env, health)
+        with self.lock:
+            self.children[name] = Child(name, args, env, health)
+
+    def _remove(self, name: str) -> None:
+        """Stop a child for good and forget it: the supervisor no longer sees it."""
+        self.stop_child(name)
+        with self.lock:
+            self.children.pop(name, None)
 
     def start_child(self, name: str, wait: bool = True) -> None:
         child = self.children[name]
@@ -223,8 +287,10 @@ class LocalStack:
                            f"(see {self.log_dir / name}.log)")
 
     def stop_child(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
-        child = self.children[name]
         with self.lock:
+            child = self.children.get(name)
+            if child is None:  # a re-shard removed it meanwhile
+                return
             child.wanted = False
             process = child.process
             if process is not None and process.poll() is None:
@@ -241,30 +307,146 @@ class LocalStack:
 
     def stop(self) -> None:
         """Front to back: router and encoder first, then shards, then Redis and the broker."""
+        self.stopping.set()  # a re-shard under way gives up and removes its new fleet
         if self._supervisor is not None:
             self._supervisor.stop()
-        for name in reversed(list(self.children)):
+        with self.lock:
+            names = sorted(self.children, key=_stop_order)
+        for name in names:
             self.stop_child(name)
         path = run_file(self.settings.state_dir)
         if path.exists() and json.loads(path.read_text()).get("pid") == os.getpid():
             path.unlink()
 
-    def _write_run_file(self) -> None:
+    def reshard(self, num_shards: int, progress: Progress = print) -> None:
+        """Blue/green re-sharding: start a fleet of `num_shards` beside the current one, wait
+        until every new shard has replayed its partitions (ready), switch the router to it,
+        give the old fleet `reshard_drain_s` to finish queries in flight, then stop the old
+        fleet and delete its snapshots. If anything fails before the switch, the new fleet is
+        removed and the old one keeps serving as if nothing happened."""
+        if not 1 <= num_shards <= self.settings.vector_partitions:
+            raise VitrineError(f"shards must be 1..{self.settings.vector_partitions} "
+                               "(the partitions of the vectors topic)")
+        if not self._resharding.acquire(blocking=False):
+            raise VitrineError("a re-shard is already under way")
+        try:
+            old = self.fleet
+            new = self._plan_shards(num_shards, old.generation + 1)
+            progress(f"starting {num_shards} shards (generation {new.generation}) beside "
+                     f"the {len(old.urls)} serving now")
+            try:
+                for name in new.children:
+                    self.start_child(name, wait=False)
+                self._wait_caught_up(new, progress)
+                self._switch_router(new)
+            except BaseException:
+                for name in new.children:
+                    self._remove(name)
+                raise
+            self._adopt(new)
+            progress(f"router switched to {num_shards} shards; stopping the old fleet")
+            self.stopping.wait(self.settings.reshard_drain_s)
+            for name in old.children:
+                self._remove(name)
+                shutil.rmtree(self._snapshot_dir(name), ignore_errors=True)
+            progress(f"done: {num_shards} shards, generation {new.generation}")
+        finally:
+            self._resharding.release()
+
+    def _wait_caught_up(self, fleet: ShardFleet, progress: Progress) -> None:
+        timeout_s = self.settings.reshard_timeout_s
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while not self.stopping.is_set():
+            states = [_shard_state(self.children[name]) for name in fleet.children]
+            ready = sum(state.ready for state in states)
+            line = (f"catching up: {ready}/{len(states)} ready, "
+                    f"{sum(s.vectors for s in states):,} vectors, "
+                    f"lag {sum(s.lag for s in states):,}")
+            if line != last:
+                progress(line)
+                last = line
+            if ready == len(states):
+                return
+            if time.monotonic() > deadline:
+                raise VitrineError(f"new fleet not caught up after {timeout_s}s")
+            time.sleep(0.5)
+        raise VitrineError("the stack is stopping")
+
+    def _switch_router(self, fleet: ShardFleet) -> None:
+        request = urllib.request.Request(
+            f"{self.router_url}/admin/fleet", method="PUT",
+            data=json.dumps({"shard_urls": fleet.shard_list()}).encode(),
+            headers={"Content-Type": "application/json",
+                     "Authorization": f"Bearer {self.admin_token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise VitrineError(f"router refused the new fleet: {exc.read().decode()}") from None
+
+    def _adopt(self, fleet: ShardFleet) -> None:
+        """The new fleet is the stack's: a restarted router, `vitrine status` and the next
+        re-shard all see it."""
+        with self.lock:
+            self.fleet = fleet
+            self.settings = self.settings.model_copy(update={"num_shards": len(fleet.urls)})
+            self.children["router"].env["VITRINE_SHARD_URLS"] = fleet.shard_list()
+        self.write_run_file()
+
+    def write_run_file(self) -> None:
         info = {
             "pid": os.getpid(),
             "kafka_bootstrap": self.kafka_bootstrap,
             "redis_url": self.redis_url,
             "router_url": self.router_url,
             "encoder_url": self.encoder_url,
+            "generation": self.fleet.generation,
+            "admin_token": self.admin_token,  # the router's, for `curl .../admin/fleet`
             "shard_urls": self.shard_urls,
             "replica_urls": self.replica_urls,
             "events_topic": self.settings.events_topic,
             "event_partitions": self.settings.event_partitions,
+            **self.extra_run_info,
         }
         path = run_file(self.settings.state_dir)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))
+        tmp.chmod(0o600)  # it carries the control token
         tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class _ShardState:
+    ready: bool
+    vectors: int
+    lag: int
+
+
+def _shard_state(child: Child) -> _ShardState:
+    """Readiness and catch-up of one shard child; a crash fails the re-shard."""
+    _check_alive(child)
+    assert child.health_url is not None
+    stats_url = child.health_url.removesuffix("/readyz") + "/stats"
+    _, stats = probe(stats_url)
+    lag = sum((stats.get("lag") or {}).values())
+    return _ShardState(probe(child.health_url)[0] == 200, stats.get("vectors", 0), lag)
+
+
+def _stop_order(name: str) -> int:
+    """Clients before servers: router, encoder, shards, then Redis and the broker."""
+    order = {"router": 0, "encoder": 1, "redis": 3, "broker": 4}
+    return order.get(name, 2)
+
+
+def _env_value(value: Any) -> str:
+    """How pydantic-settings reads it back: lists and maps as JSON, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def _die_with_parent() -> None:
@@ -327,14 +509,16 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stopping.wait(self._period):
-            for name in list(self._stack.children):
+            with self._stack.lock:
+                names = list(self._stack.children)
+            for name in names:
                 self.check(name, time.monotonic())
 
     def check(self, name: str, now: float) -> None:
         stack = self._stack
         with stack.lock:
-            child = stack.children[name]
-            if not child.wanted or child.process is None:
+            child = stack.children.get(name)  # gone: removed by a re-shard
+            if child is None or not child.wanted or child.process is None:
                 return
             code = child.process.poll()
             if code is None:

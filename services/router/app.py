@@ -17,10 +17,10 @@ from aiohttp import web
 from proto.search import SearchRequest
 from services.router.encoding import QueryEncoder
 from services.router.fanout import fan_out
+from services.router.fleet import FLEET, Fleet, add_fleet_routes
 from services.router.merge import merge_topk
 from services.router.metrics import EncodingMetrics, RouterMetrics
 from services.router.query import Query, budget_ms, query_from_body, query_from_params
-from services.router.replicas import ReplicaSet
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
 from vitrine.fetch import ImageFetcher, make_session
@@ -41,8 +41,6 @@ MODEL = web.AppKey("model", DualEncoder)
 METADATA = web.AppKey("metadata", MetadataStore)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
-SHARD_SIZES = web.AppKey("shard_sizes", dict[int, int])  # last vectors count per shard
-REPLICAS = web.AppKey("replicas", ReplicaSet)
 QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
 
 
@@ -50,8 +48,8 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app = base_app("router")
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics(app[REGISTRY])
-    app[SHARD_SIZES] = {}
-    app[REPLICAS] = ReplicaSet.from_urls(settings.shard_replicas(), settings.replica_policy())
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    add_fleet_routes(app, Fleet(settings.shard_urls, settings.replica_policy()), token)
     app.cleanup_ctx.extend([_model, _query_encoder, _redis, _shard_session, _image_session])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
@@ -82,14 +80,15 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
     left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
     shard_query = SearchRequest.build(vector, query.k, left_ms, request_id, query.filters)
     with metrics.stage_seconds.labels("fanout").time():
-        fanned = await fan_out(app[SHARDS], app[REPLICAS], shard_query, deadline, metrics)
+        fleet = app[FLEET].current  # one fleet per answer: a re-shard never splits a query
+        fanned = await fan_out(app[SHARDS], fleet.replicas, shard_query, deadline, metrics)
     with metrics.stage_seconds.labels("merge").time():
         hits = merge_topk(fanned.responses, query.k)
     with metrics.stage_seconds.labels("hydrate").time():
         found = await app[METADATA].get_many([hit.product_id for hit in hits])
     for shard in fanned.missing:
         metrics.shard_failures.labels(str(shard)).inc()
-    sizes = app[SHARD_SIZES]
+    sizes = fleet.sizes
     sizes.update({r.shard_id: r.searched for r in fanned.responses})
     searched = sum(r.searched for r in fanned.responses)
     partial = bool(fanned.missing)
@@ -107,7 +106,7 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
         ],
         "partial": partial,
         "missing_shards": sorted(fanned.missing),
-        "coverage": coverage(len(fanned.responses), len(settings.shard_urls), searched, sizes),
+        "coverage": coverage(len(fanned.responses), fleet.num_shards, searched, sizes),
         "took_ms": round((time.monotonic() - started) * 1000, 3),
     }
 

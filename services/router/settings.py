@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, GetCoreSchemaHandler, field_validator
+from pydantic import Field, GetCoreSchemaHandler, SecretStr, field_validator
 from pydantic_core import core_schema
 from pydantic_settings import NoDecode
 
@@ -30,6 +30,13 @@ class ShardAddress(str):
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         return core_schema.no_info_after_validator_function(cls.parse, core_schema.str_schema())
+
+
+def split_shard_urls(value: Any) -> Any:
+    """The env form of a shard list, 'a0|a1,b0', into one item per shard; lists pass."""
+    if isinstance(value, str):
+        return [url.strip() for url in value.split(",") if url.strip()]
+    return value
 
 
 class RouterSettings(CommonSettings):
@@ -69,13 +76,14 @@ class RouterSettings(CommonSettings):
         default=2.0, ge=0, description="how long a text query waits for others to share a pass"
     )
     encode_batch_max: int = Field(default=32, ge=1, description="texts per text-tower pass")
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token of /admin/fleet (re-sharding); unset: 403"
+    )
 
     @field_validator("shard_urls", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [url.strip() for url in value.split(",") if url.strip()]
-        return value
+        return split_shard_urls(value)
 
     def shard_replicas(self) -> list[list[str]]:
         return [address.replicas for address in self.shard_urls]

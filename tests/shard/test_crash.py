@@ -8,15 +8,12 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-import msgpack
 import pytest
 
-from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
-from tests.helpers import eventually
+from tests.helpers import content, eventually, expected_content, script
 from vitrine.ingest import EventPublisher, events_from_csv
 from vitrine.kafka import partition_for
 from vitrine.stack import LocalStack
@@ -25,32 +22,6 @@ from vitrine.status import probe
 pytestmark = pytest.mark.stack
 
 PRODUCTS = 2000
-
-
-def content(shard_url: str) -> dict[str, int]:
-    with urllib.request.urlopen(f"{shard_url}/content", timeout=30) as response:
-        return msgpack.unpackb(response.read())  # type: ignore[no-any-return]
-
-
-def script(events: list[CatalogEvent]) -> list[CatalogEvent]:
-    """The upserts, with every 10th product updated and every 25th deleted later on."""
-    stream = list(events)
-    for i, event in enumerate(events):
-        if i % 10 == 3:
-            stream.append(event.model_copy(update={"version": event.version + 1, "title": "v2"}))
-        if i % 25 == 7:
-            stream.append(
-                CatalogEvent(op="delete", product_id=event.product_id, version=event.version + 2)
-            )
-    return stream
-
-
-def expected_content(stream: list[CatalogEvent]) -> dict[str, int]:
-    latest: dict[str, CatalogEvent] = {}
-    for event in stream:
-        if event.product_id not in latest or event.version > latest[event.product_id].version:
-            latest[event.product_id] = event
-    return {pid: e.version for pid, e in latest.items() if e.op == "upsert"}
 
 
 def test_kill_9_during_ingest_loses_and_duplicates_nothing(
