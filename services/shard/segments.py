@@ -246,7 +246,8 @@ def _trained_faiss_index(spec: IndexSpec, vectors: np.ndarray) -> tuple[faiss.In
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10  # k-means converges enough for IVF lists; 25 triples the build
     if isinstance(ivf, faiss.IndexIVFPQ):
-        ivf.do_polysemous_training = False  # minutes of training for a search mode unused
+        # polysemous training takes minutes, for a search mode we do not use
+        ivf.do_polysemous_training = False  # type: ignore[attr-defined]
         ivf.pq.cp.niter = 10
     index.train(_training_sample(vectors, TRAINING_POINTS_PER_LIST * ivf.nlist))
     return index, n
