@@ -224,7 +224,7 @@ def build_sealed(
 
         index, trained_on = TorchFlatIndex(full.shape[1]), 0
     else:
-        index, trained_on = _trained_faiss_index(spec, full)
+        index, trained_on = trained_faiss_index(spec, full)
     index.add(full)
     return SealedSegment(
         index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64),
@@ -234,7 +234,7 @@ def build_sealed(
     )
 
 
-def _trained_faiss_index(spec: IndexSpec, vectors: np.ndarray) -> tuple[faiss.Index, int]:
+def trained_faiss_index(spec: IndexSpec, vectors: np.ndarray) -> tuple[faiss.Index, int]:
     """An empty index of the spec's kind, trained on a sample of `vectors` where it needs it;
     with the number of rows it was trained for (0: needs no training)."""
     n, dim = vectors.shape
@@ -243,11 +243,10 @@ def _trained_faiss_index(spec: IndexSpec, vectors: np.ndarray) -> tuple[faiss.In
         faiss.downcast_index(index).hnsw.efConstruction = spec.ef_construction  # type: ignore[attr-defined]
     if index.is_trained:
         return index, 0
-    ivf = faiss.extract_index_ivf(index)
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))  # the stubs lack IVF fields
     ivf.cp.niter = 10  # k-means converges enough for IVF lists; 25 triples the build
     if isinstance(ivf, faiss.IndexIVFPQ):
-        # polysemous training takes minutes, for a search mode we do not use
-        ivf.do_polysemous_training = False  # type: ignore[attr-defined]
+        ivf.do_polysemous_training = False  # type: ignore[attr-defined]  # slow and unused
         ivf.pq.cp.niter = 10
     index.train(_training_sample(vectors, TRAINING_POINTS_PER_LIST * ivf.nlist))
     return index, n
