@@ -120,6 +120,14 @@ class ExactIndex:
     def nbytes(self) -> int:
         return self._vectors.nbytes + self._codes.nbytes
 
+    def shrink(self) -> None:
+        """Give back the capacity a seal emptied (it only ever grew)."""
+        n = len(self._ids)
+        capacity = max(1024, 2 * n)
+        if capacity < len(self._vectors):
+            self._vectors = self._vectors[:capacity].copy()
+            self._codes = self._codes[:capacity].copy()
+
     def _grow_to(self, size: int) -> None:
         if size <= len(self._vectors):
             return

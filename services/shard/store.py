@@ -205,6 +205,7 @@ class ShardStore:
         for pid in job.from_growing:
             if pid in rows:
                 self.growing.remove(pid)
+        self.growing.shrink()
         self.sealed, self._sealed_rows = segment, rows
 
     # snapshots

@@ -45,6 +45,7 @@ def test_updates_and_deletes_of_sealed_vectors_are_respected(kind: IndexType, ra
     asyncio.run(store.seal())
     assert store.sealed is not None and len(store.sealed) == len(vectors)
     assert store.growing is not None and len(store.growing) == 0
+    assert store.growing.nbytes() < 1024 * 40 * 4  # the emptied buffer gave its memory back
 
     store.apply(VectorRecord.tombstone("p5", 2, "m"))
     store.apply(VectorRecord.upsert("p7", 2, "m", -vectors[7]))  # moved far away
