@@ -126,8 +126,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     kinds: list[IndexType] = args.kinds.split(",")
-    print(f"# {os.cpu_count()} cores; FAISS {faiss.__version__}; GPU for the exact scan: "
-          f"{gpu_available()}; dim {args.dim}; {args.queries} queries")
+    print(f"# {os.cpu_count()} cores, {faiss.omp_get_max_threads()} FAISS threads; FAISS "
+          f"{faiss.__version__}; GPU: {gpu_available()}; dim {args.dim}; {args.queries} queries")
     for size in (int(s) for s in args.sizes.split(",")):
         rng = np.random.default_rng(args.seed)
         vectors = clustered(rng, size, args.dim, clusters=max(16, size // 1000))
