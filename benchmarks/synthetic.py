@@ -18,8 +18,10 @@ def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int) -> np.n
     return out
 
 
-def near(rng: np.random.Generator, vectors: np.ndarray, nq: int, noise: float = 0.1) -> np.ndarray:
-    """Queries in distribution: catalog vectors plus noise, normalised."""
+def near(rng: np.random.Generator, vectors: np.ndarray, nq: int, noise: float = 0.3) -> np.ndarray:
+    """Queries in distribution: catalog vectors plus noise of norm about `noise` (cosine to
+    the vector they came from about 0.96), normalised."""
     picked = vectors[rng.integers(0, len(vectors), nq)].astype(np.float32)
-    q = picked + noise * rng.standard_normal(picked.shape).astype(np.float32)
+    scale = noise / np.sqrt(picked.shape[1])
+    q = picked + scale * rng.standard_normal(picked.shape).astype(np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True)
