@@ -52,7 +52,7 @@ class IndexSpec:
     nlist: int = 0  # 0: about 2 * sqrt(n), at least 39 training points per list
     nprobe: int = 32
     pq_m: int = 64  # PQ sub-quantizers (bytes per vector at 8 bits); must divide dim
-    refine_factor: int = 4  # IVF-PQ: re-rank k * refine_factor candidates with the raw vectors
+    refine_factor: int = 64  # IVF-PQ: re-rank k * refine_factor candidates with the raw vectors
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 160

@@ -35,7 +35,7 @@ class ShardSettings(CommonSettings):
     ivf_nlist: int = Field(default=0, ge=0, description="0: about 4*sqrt(n)")
     ivf_nprobe: int = Field(default=32, ge=1)
     pq_m: int = Field(default=64, ge=1, description="IVF-PQ bytes per vector; divides dim")
-    pq_refine_factor: int = Field(default=4, ge=1, description="IVF-PQ exact re-rank of k*f")
+    pq_refine_factor: int = Field(default=64, ge=1, description="IVF-PQ exact re-rank of k*f")
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=160, ge=1)
