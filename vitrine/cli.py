@@ -151,6 +151,57 @@ def demo(
         stack.stop()
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="fashion dataset dir")] = DEFAULT_DATA,
+    out: Annotated[Path | None, typer.Option(help="checkpoint to write")] = None,
+    epochs: Annotated[int | None, typer.Option(help="image-tower epochs")] = None,
+    trainable_blocks: Annotated[int | None, typer.Option(help="trunk stages to fine-tune")] = None,
+    fusion_epochs: Annotated[int | None, typer.Option(help="fusion epochs (0: none)")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N products only")] = None,
+) -> None:
+    """Train the image tower and the product-side fusion (VITRINE_TRAIN_* settings)."""
+    from vitrine.training.train import TrainSettings
+    from vitrine.training.train import train as run_training
+
+    options: dict[str, Any] = {"data_dir": data, "out": out, "epochs": epochs, "limit": limit,
+               "trainable_blocks": trainable_blocks, "fusion_epochs": fusion_epochs}
+    settings = TrainSettings(**{k: v for k, v in options.items() if v is not None})
+    result = run_training(settings)
+    typer.echo(f"trained in {result.seconds:.0f}s: {result.checkpoint}")
+    typer.echo(f"serve it: VITRINE_MODEL_ARCH={settings.architecture} "
+               f"VITRINE_MODEL_WEIGHTS={result.checkpoint}")
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option(help="fashion dataset dir")] = DEFAULT_DATA,
+    arch: Annotated[str | None, typer.Option(help="architecture (default: the services')")] = None,
+    weights: Annotated[list[str] | None, typer.Option(help="weights; repeat to compare")] = None,
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write all metrics")] = None,
+    speed: Annotated[bool, typer.Option(help="also time image and query encoding")] = False,
+) -> None:
+    """Text-to-image retrieval metrics under the three catalog conditions, as a table."""
+    from vitrine.model import ModelSpec
+    from vitrine.settings import CommonSettings
+    from vitrine.training.eval import evaluate_spec, markdown_table, speed_of_spec
+
+    default = CommonSettings().model_spec()
+    specs = [ModelSpec(arch or default.architecture, w or None, default.seed)
+             for w in (weights or [default.weights or ""])]
+    if split not in ("test", "val"):
+        raise typer.BadParameter("split must be test or val")
+    results = {spec.model_id: evaluate_spec(spec, data, "val" if split == "val" else "test")
+               for spec in specs}
+    typer.echo(markdown_table(results))
+    if speed:
+        for spec in specs:
+            typer.echo(f"{spec.model_id}: {speed_of_spec(spec, data)}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 def wait_until_indexed(stack: LocalStack, published: int, timeout_s: float = 600) -> int:
     """Until the encoder has handled every event and the shards hold what it indexed."""
     deadline = time.monotonic() + timeout_s

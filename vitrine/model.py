@@ -11,7 +11,11 @@ factory; this module only resolves what open_clip cannot know on its own:
 - `pypi:<module>` strings stand for `<module>.get_model_path()`, the machine-specific directory
   of a model shipped as a PyPI package (the MiniLM text tower);
 - "offline" weights: MiniLM from that directory plus the EfficientNet-Lite0 ImageNet state dict,
-  whose key names differ from timm's and so are loaded by position.
+  whose key names differ from timm's and so are loaded by position;
+- trained weights (`vitrine train`) are a *delta* checkpoint on top of "offline": only the
+  tensors training changed (fp16), plus the product-side fusion module that a config may ask
+  for with a top-level `fusion_cfg` (open_clip has no such part; the query side never uses it).
+  A bare file name is looked up in `vitrine/weights/` first, where the default model ships.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import importlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +45,13 @@ if TYPE_CHECKING:
     from PIL import Image
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DELTA_FORMAT = "vitrine-delta/1"  # the marker of a checkpoint that `vitrine train` wrote
+# The order in which a product's attributes follow its title in the text the product side reads.
+ATTRIBUTE_ORDER = (
+    "gender", "colour", "article_type", "usage", "season", "year", "sub_category",
+    "master_category",
+)
 OFFLINE = "offline"
 HF_HUB_PREFIX = "hf-hub:"
 PYPI_PREFIX = "pypi:"
@@ -82,15 +93,58 @@ class ModelSpec:
         if weights == OFFLINE:
             return f"{arch}@{OFFLINE}#{self.seed}"
         if _is_checkpoint(weights):
-            path = _existing_file(weights, "checkpoint")
+            path = checkpoint_path(weights)
             return f"{arch}@{path.stem}~{_file_digest(path)}"
         return f"{arch}@{weights}"
+
+
+def product_text(title: str, attributes: Mapping[str, str]) -> str:
+    """The text the product side reads: the title, then the attribute values as one phrase.
+
+    Shared by the encoder service and training, so both see the same text for the same event.
+    """
+    known = [key for key in ATTRIBUTE_ORDER if attributes.get(key)]
+    extra = sorted(key for key in attributes if key not in ATTRIBUTE_ORDER and attributes[key])
+    phrase = " ".join(attributes[key].strip() for key in known + extra)
+    return ". ".join(part for part in (title.strip(), phrase) if part)
+
+
+class GatedFusion(torch.nn.Module):
+    """The product vector from its image vector and its text vector, either of which may be absent.
+
+    A per-dimension gate (from both vectors and their product) mixes the two, plus a residual
+    correction. The last layers start at zero, so an untrained module is the plain average of
+    the normalised vectors. A product with one input gets that input's vector unchanged: an
+    image-only product is its image vector, the one "more like this" image queries use.
+    """
+
+    def __init__(self, dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Sequential(torch.nn.Linear(3 * dim, hidden), torch.nn.GELU())
+        self.gate = torch.nn.Linear(hidden, dim)
+        self.residual = torch.nn.Linear(hidden, dim)
+        for layer in (self.gate, self.residual):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, has_text: torch.Tensor,
+                has_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised (n, dim) vectors; absent inputs are rows flagged False (values unused)."""
+        has_image = torch.ones_like(has_text) if has_image is None else has_image
+        image = image * has_image[:, None]
+        text = text * has_text[:, None]
+        features = self.hidden(torch.cat([image, text, image * text], dim=-1))
+        gate = torch.sigmoid(self.gate(features))
+        fused = gate * image + (1 - gate) * text + self.residual(features)
+        both = (has_image & has_text)[:, None]
+        return F.normalize(torch.where(both, fused, image + text), dim=-1)
 
 
 class DualEncoder:
     """An open_clip model plus its tokenizer and preprocessing, ready to encode on one device.
 
-    `model`, `tokenizer` and `preprocess` are open_clip's own objects, exposed for training.
+    `model`, `tokenizer` and `preprocess` are open_clip's own objects, exposed for training;
+    `fusion` is the product-side module when the architecture has one.
     """
 
     def __init__(
@@ -100,8 +154,10 @@ class DualEncoder:
         preprocess: Callable[[Image.Image], torch.Tensor],
         model_id: str,
         device: torch.device,
+        fusion: GatedFusion | None = None,
     ) -> None:
         self.model = model
+        self.fusion = fusion
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_id = model_id
@@ -145,6 +201,50 @@ class DualEncoder:
                 rows.append(_normalised(self.model.encode_text(tokens)))
         return _stack(rows, self.dim)
 
+    def encode_products(
+        self, images: Sequence[Image.Image | None], texts: Sequence[str | None]
+    ) -> np.ndarray:
+        """Product vectors from any subset of image and text per product.
+
+        With a fusion module: the fused vector. Without one, the image vector where there is an
+        image (the image-only index of a plain dual encoder), else the text vector.
+        """
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        has_image = np.array([image is not None for image in images], dtype=bool)
+        has_text = np.array([bool(text and text.strip()) for text in texts], dtype=bool)
+        if self.fusion is None:
+            has_text &= ~has_image
+        image_vectors = np.zeros((len(images), self.dim), dtype=np.float32)
+        text_vectors = np.zeros_like(image_vectors)
+        image_vectors[has_image] = self.encode_images([i for i in images if i is not None])
+        text_vectors[has_text] = self.encode_texts(
+            [t for t, keep in zip(texts, has_text, strict=True) if keep and t]
+        )
+        return self.fuse(image_vectors, text_vectors, has_text, has_image)
+
+    def fuse(
+        self, image_vectors: np.ndarray, text_vectors: np.ndarray, has_text: np.ndarray,
+        has_image: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Product vectors from already encoded image and text vectors (rows flagged absent are
+        ignored); without a fusion module, the sum of the present ones, normalised."""
+        has_image = np.ones(len(has_text), dtype=bool) if has_image is None else has_image
+        tensors = [torch.from_numpy(np.asarray(a)) for a in (image_vectors, text_vectors)]
+        flags = [torch.from_numpy(np.asarray(f, dtype=bool)) for f in (has_text, has_image)]
+        rows = []
+        for start in range(0, len(has_text), MAX_BATCH * 16):
+            part = slice(start, start + MAX_BATCH * 16)
+            image, text = (t[part].float().to(self.device) for t in tensors)
+            text_flag, image_flag = (f[part].to(self.device) for f in flags)
+            with torch.inference_mode():
+                if self.fusion is None:
+                    summed = image * image_flag[:, None] + text * text_flag[:, None]
+                    rows.append(_normalised(summed))
+                else:
+                    rows.append(_normalised(self.fusion(image, text, text_flag, image_flag)))
+        return _stack(rows, self.dim)
+
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids; padding columns cut off when that provably leaves the embedding unchanged.
 
@@ -168,20 +268,51 @@ def load_dual_encoder(spec: ModelSpec, device: str | None = None) -> DualEncoder
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     open_clip = _open_clip()
-    name, preprocess_cfg = _register_architecture(open_clip, spec.architecture)
-    weights = _check_weights(open_clip, name, spec.weights)
+    name, preprocess_cfg, fusion_cfg = _register_architecture(open_clip, spec.architecture)
+    delta = _read_delta(spec.weights)
+    weights = _check_weights(open_clip, name, delta["base"] if delta else spec.weights)
     with torch.random.fork_rng(devices=[]), _quiet_transformers():
         torch.manual_seed(spec.seed)
         model = _create_model(open_clip, name, weights, preprocess_cfg)
+        fusion = _create_fusion(fusion_cfg) if fusion_cfg is not None else None
     if weights == OFFLINE:
         _load_efficientnet_lite0(model.visual.trunk)
     elif weights is not None and _is_checkpoint(weights):
         _load_checkpoint(open_clip, model, weights)
+    if delta:
+        _apply_delta(model, fusion, delta, spec.weights or "")
     model.to(target).eval()
+    if fusion is not None:
+        fusion.to(target).eval()
     pp_cfg = open_clip.transform.PreprocessCfg(**model.visual.preprocess_cfg)
     preprocess = open_clip.transform.image_transform_v2(pp_cfg, is_train=False)
     tokenizer = open_clip.get_tokenizer(name)
-    return DualEncoder(model, tokenizer, preprocess, spec.model_id, target)
+    return DualEncoder(model, tokenizer, preprocess, spec.model_id, target, fusion)
+
+
+def save_delta(
+    path: Path, model: torch.nn.Module, trained: Sequence[str], fusion: GatedFusion | None
+) -> None:
+    """Write what training changed (the `trained` state-dict prefixes, and the fusion module)
+    as fp16 on top of "offline", and round the in-memory tensors the same way, so the model in
+    hand and the one loaded back from `path` give identical vectors."""
+    parts = {"model": _rounded_state(model, trained)}
+    if fusion is not None:
+        parts["fusion"] = _rounded_state(fusion, ("",))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": DELTA_FORMAT, "base": OFFLINE, **parts}, path)
+
+
+def _rounded_state(module: torch.nn.Module, prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, tensor in module.state_dict().items():
+        if key.startswith(tuple(prefixes)):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())  # the state dict shares the live storage
+                state[key] = tensor.detach().half().cpu()
+            else:
+                state[key] = tensor.detach().cpu()
+    return state
 
 
 # --- architecture -----------------------------------------------------------------------------
@@ -222,8 +353,10 @@ def _architecture_id(architecture: str) -> str:
     return f"{path.stem}~{hashlib.sha256(canonical).hexdigest()[:12]}"
 
 
-def _register_architecture(open_clip: ModuleType, architecture: str) -> tuple[str, dict]:
-    """The name open_clip knows the architecture by, plus the preprocessing it asks for.
+def _register_architecture(
+    open_clip: ModuleType, architecture: str
+) -> tuple[str, dict, dict | None]:
+    """The name open_clip knows the architecture by, its preprocessing and its fusion config.
 
     A config file is resolved (`pypi:` placeholders) and registered with open_clip under a
     content-addressed name, so open_clip's own create_model and get_tokenizer read it.
@@ -231,25 +364,26 @@ def _register_architecture(open_clip: ModuleType, architecture: str) -> tuple[st
     path = _config_file(architecture)
     if path is None:
         if architecture.startswith(HF_HUB_PREFIX):
-            return architecture, {}
+            return architecture, {}, None
         if architecture.replace("/", "-") in open_clip.list_models():
-            return architecture, {}
+            return architecture, {}, None
         shipped = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
         raise ModelSpecError(
             f"unknown model architecture {architecture!r}: not a shipped config {shipped}, "
             "not a config JSON file and not an open_clip built-in (open_clip.list_models())"
         )
-    model_cfg, preprocess_cfg = _split_config(_read_json(path), path)
+    model_cfg, preprocess_cfg, fusion_cfg = _split_config(_read_json(path), path)
     model_cfg = _resolve_placeholders(model_cfg)
     blob = json.dumps(model_cfg, sort_keys=True, indent=2)
     name = f"{path.stem}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
     if name not in open_clip.list_models():
         open_clip.add_model_config(_write_registered_config(name, blob))
-    return name, preprocess_cfg
+    return name, preprocess_cfg, fusion_cfg
 
 
-def _split_config(document: Any, path: Path) -> tuple[dict, dict]:
-    """Accept open_clip's two layouts: a flat model config, or model_cfg + preprocess_cfg."""
+def _split_config(document: Any, path: Path) -> tuple[dict, dict, dict | None]:
+    """Accept open_clip's two layouts: a flat model config, or model_cfg + preprocess_cfg
+    (+ our optional fusion_cfg)."""
     if not isinstance(document, dict):
         raise ModelSpecError(f"model config {path} is not a JSON object")
     model_cfg = document.get("model_cfg", document)
@@ -263,7 +397,17 @@ def _split_config(document: Any, path: Path) -> tuple[dict, dict]:
     unknown = set(preprocess_cfg) - {f.name for f in fields(PreprocessCfg)}
     if unknown:
         raise ModelSpecError(f"model config {path}: unknown preprocess_cfg keys {sorted(unknown)}")
-    return model_cfg, preprocess_cfg
+    fusion_cfg = document.get("fusion_cfg") if "model_cfg" in document else None
+    if fusion_cfg is not None and (
+        not isinstance(fusion_cfg, dict) or fusion_cfg.get("type") != "gated"
+        or set(fusion_cfg) - {"type", "hidden"}
+    ):
+        raise ModelSpecError(
+            f"model config {path}: fusion_cfg must be {{'type': 'gated', 'hidden': int}}"
+        )
+    if fusion_cfg is not None:
+        fusion_cfg = {**fusion_cfg, "dim": model_cfg["embed_dim"]}
+    return model_cfg, preprocess_cfg, fusion_cfg
 
 
 def _resolve_placeholders(node: Any) -> Any:
@@ -312,9 +456,7 @@ def _check_weights(open_clip: ModuleType, name: str, weights: str | None) -> str
             )
         return None
     if weights is None or _is_checkpoint(weights):
-        if weights is not None:
-            _existing_file(weights, "checkpoint")
-        return weights
+        return None if weights is None else str(checkpoint_path(weights))
     if weights == OFFLINE:
         cfg = open_clip.get_model_config(name.replace("/", "-")) or {}
         if cfg.get("vision_cfg", {}).get("timm_model_name") != EFFICIENTNET_LITE0 or not cfg.get(
@@ -388,6 +530,52 @@ def _map_by_position(
             )
         mapped[target_key] = value
     return mapped
+
+
+def _create_fusion(fusion_cfg: dict) -> GatedFusion:
+    return GatedFusion(int(fusion_cfg["dim"]), int(fusion_cfg.get("hidden", 512)))
+
+
+def checkpoint_path(weights: str) -> Path:
+    """The file a checkpoint weights string names; a bare name may be one shipped in
+    `vitrine/weights/` (so the default model works from any working directory)."""
+    shipped = WEIGHTS_DIR / weights
+    if "/" not in weights and os.sep not in weights and shipped.is_file():
+        return shipped
+    return _existing_file(weights, "checkpoint")
+
+
+def _read_delta(weights: str | None) -> dict[str, Any] | None:
+    """The content of a delta checkpoint, or None for any other weights."""
+    if weights is None or not _is_checkpoint(weights):
+        return None
+    path = checkpoint_path(weights)
+    if path.suffix not in (".pt", ".pth"):
+        return None
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises a variety of errors for a foreign file
+        raise ModelSpecError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(content, dict) or content.get("format") != DELTA_FORMAT:
+        return None
+    return content
+
+
+def _apply_delta(
+    model: torch.nn.Module, fusion: GatedFusion | None, delta: dict[str, Any], name: str
+) -> None:
+    """Overwrite the tensors the delta carries; every one must exist with the same shape."""
+    targets = [(model, delta.get("model", {}), "model")]
+    if "fusion" in delta:
+        if fusion is None:
+            raise ModelSpecError(f"checkpoint {name} has a fusion module; the architecture none")
+        targets.append((fusion, delta["fusion"], "fusion"))
+    for module, tensors, part in targets:
+        state = module.state_dict()
+        for key, value in tensors.items():
+            if key not in state or state[key].shape != value.shape:
+                raise ModelSpecError(f"checkpoint {name}: {part} tensor {key} does not fit")
+            state[key].copy_(value.to(state[key].dtype))
 
 
 def _load_checkpoint(open_clip: ModuleType, model: torch.nn.Module, path: str) -> None:

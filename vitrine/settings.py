@@ -34,11 +34,13 @@ class CommonSettings(BaseSettings):
         default=8, ge=1, description="P of catalog.vectors; caps how many shards can own data"
     )
     model_arch: str = Field(
-        default="vitrine-minilm-efflite0",
+        default="vitrine-minilm-efflite0-fused",
         description="open_clip architecture: built-in name, config JSON path or shipped config",
     )
     model_weights: str | None = Field(
-        default="offline", description="pretrained tag, checkpoint path, 'offline' or empty"
+        default="vitrine-fashion-v1.pt",
+        description="pretrained tag, checkpoint path (a bare name: one in vitrine/weights/), "
+        "'offline' or empty",
     )
     model_seed: int = 0
     filter_fields: list[str] = Field(

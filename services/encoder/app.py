@@ -78,7 +78,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     producer = Producer(producer_config(settings.kafka_bootstrap))
     transform = EventTransform(
         fetch=app[FETCHER].fetch,
-        encode_images=model.encode_images,
+        encode_products=model.encode_products,
         model_id=model.model_id,
         max_pixels=settings.max_image_pixels,
         fetch_concurrency=settings.fetch_concurrency,

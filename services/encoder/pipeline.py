@@ -20,6 +20,7 @@ from proto.vectors import VectorRecord
 from vitrine.errors import ImageRejected, InvalidMessage
 from vitrine.images import decode_image
 from vitrine.metadata import ProductMetadata
+from vitrine.model import product_text
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,14 @@ class EventTransform:
     def __init__(
         self,
         fetch: Callable[[str], Awaitable[bytes]],
-        encode_images: Callable[[list[Image.Image]], np.ndarray],
+        encode_products: Callable[[list[Image.Image], list[str]], np.ndarray],
         model_id: str,
         max_pixels: int,
         fetch_concurrency: int,
         vector_dtype: Literal["f16", "f32"] = "f16",
     ) -> None:
         self._fetch = fetch
-        self._encode_images = encode_images
+        self._encode_products = encode_products  # the image plus the event's text, fused
         self._model_id = model_id
         self._max_pixels = max_pixels
         self._gate = asyncio.Semaphore(fetch_concurrency)
@@ -99,7 +100,10 @@ class EventTransform:
         images = await asyncio.gather(*(self._load(raw, ev, out) for raw, ev in upserts))
         ready = [(raw, ev, img) for (raw, ev), img in zip(upserts, images, strict=True) if img]
         if ready:
-            vectors = await asyncio.to_thread(self._encode_images, [img for *_, img in ready])
+            texts = [product_text(event.title, event.attributes) for _, event, _ in ready]
+            vectors = await asyncio.to_thread(
+                self._encode_products, [img for *_, img in ready], texts
+            )
             for (raw, event, _), vector in zip(ready, vectors, strict=True):
                 out.metadata.append(_metadata_of(event))
                 out.vectors.append(

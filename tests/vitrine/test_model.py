@@ -13,11 +13,16 @@ from PIL import Image
 from vitrine.errors import ModelSpecError
 from vitrine.model import (
     MODEL_CONFIG_DIR,
+    WEIGHTS_DIR,
     DualEncoder,
     ModelSpec,
+    _file_digest,
     _map_by_position,
     load_dual_encoder,
+    product_text,
+    save_delta,
 )
+from vitrine.settings import CommonSettings
 
 IMAGES = Path("/work/shared/data/fashion/images")
 SPEC = ModelSpec("vitrine-minilm-efflite0", "offline", seed=0)
@@ -205,3 +210,85 @@ def test_loading_by_position_checks_counts_and_shapes() -> None:
         _map_by_position({"x": torch.ones(3, 2), "y": torch.ones(4)}, target, "_fc.")
     with pytest.raises(ModelSpecError, match="tensors"):
         _map_by_position({"x": torch.ones(2, 3)}, target, "_fc.")
+
+
+# --- the product side: text, fusion, delta checkpoints, the shipped default --------------------
+
+FUSED = ModelSpec("vitrine-minilm-efflite0-fused", "offline")
+
+
+def test_product_text_is_title_then_attributes() -> None:
+    attributes = {"colour": "Navy Blue", "gender": "Men", "article_type": "Shirts", "fit": "Slim"}
+    assert product_text(" Turtle Shirt ", attributes) == "Turtle Shirt. Men Navy Blue Shirts Slim"
+    assert product_text("", {"colour": "Red"}) == "Red"
+    assert product_text("", {}) == ""
+
+
+def test_fusion_accepts_any_subset_of_inputs(pictures: list[Image.Image]) -> None:
+    fused = load_dual_encoder(FUSED, "cpu")
+    assert fused.fusion is not None
+    image = fused.encode_images(pictures[:1])[0]
+    text = fused.encode_texts(["navy blue shirt"])[0]
+    vectors = fused.encode_products(
+        [pictures[0], pictures[0], pictures[0], None, None],
+        ["navy blue shirt", "", None, "navy blue shirt", None],
+    )
+    np.testing.assert_allclose(np.linalg.norm(vectors[:4], axis=1), 1.0, atol=1e-5)
+    untrained_average = (image + text) / np.linalg.norm(image + text)
+    np.testing.assert_allclose(vectors[0], untrained_average, atol=1e-5)  # gate starts at 0.5
+    np.testing.assert_allclose(vectors[1], image, atol=1e-6)  # no text: the image vector
+    np.testing.assert_allclose(vectors[2], image, atol=1e-6)
+    np.testing.assert_allclose(vectors[3], text, atol=1e-6)  # no image: the text vector
+    assert not vectors[4].any()  # nothing at all: no direction to give
+
+
+def test_without_fusion_products_are_their_images(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    assert encoder.fusion is None
+    vectors = encoder.encode_products(pictures, ["navy blue shirt", ""])
+    np.testing.assert_allclose(vectors, encoder.encode_images(pictures), atol=1e-6)
+
+
+def test_delta_checkpoint_carries_only_what_changed(
+    pictures: list[Image.Image], tmp_path: Path
+) -> None:
+    fused = load_dual_encoder(FUSED, "cpu")
+    with torch.no_grad():
+        fused.model.visual.head.proj.weight.mul_(-1)
+        assert fused.fusion is not None
+        fused.fusion.gate.bias.fill_(2.0)
+    path = tmp_path / "delta.pt"
+    save_delta(path, fused.model, ["visual.head."], fused.fusion)
+    assert path.stat().st_size < 3 * 1024**2  # the projection and fusion, fp16
+    loaded = load_dual_encoder(ModelSpec(FUSED.architecture, str(path)), "cpu")
+    assert loaded.model_id == f"vitrine-minilm-efflite0-fused@delta~{_file_digest(path)}"
+    texts = ["navy blue shirt", "red dress"]
+    np.testing.assert_allclose(
+        loaded.encode_products(pictures, texts), fused.encode_products(pictures, texts), atol=1e-6
+    )
+    with pytest.raises(ModelSpecError, match="fusion module"):
+        load_dual_encoder(ModelSpec("vitrine-minilm-efflite0", str(path)), "cpu")
+
+
+def test_bad_fusion_config_is_a_spec_error(tmp_path: Path) -> None:
+    config = json.loads((MODEL_CONFIG_DIR / "vitrine-minilm-efflite0-fused.json").read_text())
+    config["fusion_cfg"] = {"type": "attention"}
+    path = tmp_path / "fusion.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelSpecError, match="fusion_cfg"):
+        load_dual_encoder(ModelSpec(str(path), None))
+
+
+def test_the_default_spec_is_the_shipped_trained_model() -> None:
+    spec = CommonSettings().model_spec()
+    path = WEIGHTS_DIR / str(spec.weights)
+    assert path.is_file() and path.stat().st_size < 25 * 1024**2
+    assert spec.model_id.startswith(f"{spec.architecture}@{path.stem}~")
+    model = load_dual_encoder(spec, "cpu")
+    assert model.fusion is not None
+    queries = model.encode_texts(["red dress", "black leather shoes"])
+    products = model.encode_products(
+        [Image.new("RGB", (60, 80), (200, 20, 20))] * 2, ["Red Dress", "Black Leather Shoes"]
+    )
+    assert np.argmax(queries @ products.T, axis=1).tolist() == [0, 1]

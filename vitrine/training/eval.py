@@ -1,0 +1,238 @@
+"""Text-to-image retrieval over one split, with graded relevance from the attributes.
+
+Queries are built from the products' own attributes ("{colour} {article_type}", ...). A product
+is graded 2 when every attribute the query names matches, 1 when only its article type does.
+Metrics, averaged over queries:
+
+- Recall@K: fully relevant products in the top K over min(K, how many there are), so a
+  perfect ranking scores 1 even when a query has hundreds of relevant products;
+- NDCG@10 with gains 2^grade - 1; MRR: 1 / rank of the first fully relevant product.
+
+Three product-side conditions (the issue's): (i) image, title and attributes; (ii) image and
+title; (iii) image and title, every second product's title without its colour and article-type
+words. Rows: text only, image only, the plain average, and the model's product vectors.
+
+Covered by tests/training/test_eval.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder, product_text
+from vitrine.training.data import (
+    Product,
+    Split,
+    attribute_phrase,
+    in_split,
+    load_products,
+    sparse_title,
+)
+
+QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour type": ("colour", "article_type"),
+    "gender colour type": ("gender", "colour", "article_type"),
+    "usage type": ("usage", "article_type"),
+}
+CONDITIONS = ("i", "ii", "iii")
+CONDITION_NAMES = {
+    "i": "image + title + attributes",
+    "ii": "image + title",
+    "iii": "image + sparse titles",
+}
+METRICS = ("recall@10", "recall@100", "ndcg@10", "mrr")
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    kind: str
+    wanted: dict[str, str]
+
+
+def build_queries(products: Sequence[Product]) -> list[Query]:
+    """One query per distinct attribute combination of each template among `products`."""
+    queries: dict[str, Query] = {}
+    for kind, keys in QUERY_TEMPLATES.items():
+        for product in products:
+            text = attribute_phrase(product.attributes, keys)
+            if text and text not in queries:
+                wanted = {key: product.attributes[key] for key in keys}
+                queries[text] = Query(text, kind, wanted)
+    return list(queries.values())
+
+
+def grades(queries: Sequence[Query], products: Sequence[Product]) -> np.ndarray:
+    """(queries, products) int8: 2 every named attribute matches, 1 the article type only."""
+    keys = {key for query in queries for key in query.wanted} | {"article_type"}
+    columns = {key: np.array([p.attributes.get(key, "") for p in products]) for key in keys}
+    out = np.zeros((len(queries), len(products)), dtype=np.int8)
+    for q, query in enumerate(queries):
+        if "article_type" in query.wanted:
+            out[q, columns["article_type"] == query.wanted["article_type"]] = 1
+        full = np.logical_and.reduce([columns[k] == v for k, v in query.wanted.items()])
+        out[q, full] = 2
+    return out
+
+
+def retrieval_metrics(scores: np.ndarray, graded: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-query metrics of a (queries, products) score matrix against its grades."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(graded, order, axis=1)
+    relevant = (graded == 2).sum(axis=1)
+    full = ranked == 2
+    out = {}
+    for k in (10, 100):
+        out[f"recall@{k}"] = full[:, :k].sum(axis=1) / np.maximum(np.minimum(relevant, k), 1)
+    discount = 1 / np.log2(np.arange(2, 12))
+    gains = (2.0 ** ranked[:, :10].astype(np.float64) - 1) @ discount[: ranked[:, :10].shape[1]]
+    ideal = -np.sort(-graded, axis=1)[:, :10].astype(np.float64)
+    ideal_gains = (2.0**ideal - 1) @ discount[: ideal.shape[1]]
+    out["ndcg@10"] = gains / np.maximum(ideal_gains, 1e-12)
+    first = np.where(full.any(axis=1), full.argmax(axis=1) + 1, np.inf)
+    out["mrr"] = 1 / first
+    return out
+
+
+def summarise(per_query: dict[str, np.ndarray], queries: Sequence[Query]) -> dict[str, dict]:
+    """Means over all queries ("all") and per query kind, in percent."""
+    kinds = np.array([query.kind for query in queries])
+    groups = {"all": np.ones(len(queries), dtype=bool)}
+    groups |= {kind: kinds == kind for kind in QUERY_TEMPLATES}
+    return {
+        name: {m: float(100 * per_query[m][mask].mean()) if mask.any() else float("nan")
+               for m in METRICS} | {"queries": int(mask.sum())}
+        for name, mask in groups.items()
+    }
+
+
+def condition_texts(products: Sequence[Product], condition: str) -> list[str]:
+    """The product-side text of each product under a condition (every second: by position)."""
+    if condition == "i":
+        return [product_text(p.title, p.attributes) for p in products]
+    if condition == "ii":
+        return [p.title for p in products]
+    return [sparse_title(p) if i % 2 else p.title for i, p in enumerate(products)]
+
+
+def evaluate(
+    encoder: DualEncoder, products: Sequence[Product], image_vectors: np.ndarray | None = None
+) -> dict[str, dict[str, dict[str, dict]]]:
+    """{condition: {row: {query group: {metric: value}}}} for one model over `products`.
+
+    `image_vectors` may be passed when the caller has them (training's validation);
+    otherwise the images are encoded here through the serving path.
+    """
+    from vitrine.training.features import load_images
+
+    queries = build_queries(products)
+    graded = grades(queries, products)
+    query_vectors = encoder.encode_texts([query.text for query in queries])
+    if image_vectors is None:
+        image_vectors = encoder.encode_images(load_images([p.image for p in products]))
+    results: dict[str, dict[str, dict[str, dict]]] = {}
+    for condition in CONDITIONS:
+        texts = condition_texts(products, condition)
+        has_text = np.array([bool(text.strip()) for text in texts])
+        text_vectors = np.zeros_like(image_vectors)
+        text_vectors[has_text] = encoder.encode_texts([t for t in texts if t.strip()])
+        rows = {
+            "text only": text_vectors,
+            "image only": image_vectors,
+            "average": _average(image_vectors, text_vectors),
+        }
+        if encoder.fusion is not None:
+            rows["fused"] = encoder.fuse(image_vectors, text_vectors, has_text)
+        results[condition] = {
+            row: summarise(retrieval_metrics(query_vectors @ vectors.T, graded), queries)
+            | {"image query": {"self@1": own_image_top1(image_vectors, vectors)}}
+            for row, vectors in rows.items()
+        }
+    return results
+
+
+def own_image_top1(image_vectors: np.ndarray, product_vectors: np.ndarray) -> float:
+    """Percent of products that a "more like this" query with their own picture ranks first
+    (ties count: some products share a byte-identical picture)."""
+    hits = 0
+    for start in range(0, len(image_vectors), 1024):
+        scores = image_vectors[start : start + 1024] @ product_vectors.T
+        own = scores[np.arange(len(scores)), np.arange(start, start + len(scores))]
+        hits += int((own >= scores.max(axis=1) - 1e-6).sum())
+    return 100 * hits / max(1, len(image_vectors))
+
+
+def _average(image_vectors: np.ndarray, text_vectors: np.ndarray) -> np.ndarray:
+    summed = image_vectors + text_vectors
+    return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+
+
+def markdown_table(named: dict[str, dict[str, dict[str, dict[str, dict]]]]) -> str:
+    """One table: a line per (model, row), NDCG@10 / R@10 / R@100 / MRR for each condition."""
+    head = "| model | row | " + " | ".join(
+        f"({c}) NDCG@10 | ({c}) R@10 | ({c}) R@100 | ({c}) MRR" for c in CONDITIONS
+    )
+    lines = [head + " |", "|" + " --- |" * (2 + 4 * len(CONDITIONS))]
+    for model, results in named.items():
+        for row in results["i"]:
+            cells = [
+                f"{results[c][row]['all'][m]:.1f}"
+                for c in CONDITIONS for m in ("ndcg@10", "recall@10", "recall@100", "mrr")
+            ]
+            lines.append(f"| {model} | {row} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | row | image query finds its own product first, (i) / (ii) / (iii) |",
+              "| --- | --- | --- |"]
+    for model, results in named.items():
+        for row in results["i"]:
+            cells = [f"{results[c][row]['image query']['self@1']:.1f}" for c in CONDITIONS]
+            lines.append(f"| {model} | {row} | " + " / ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_spec(
+    spec: ModelSpec, data_dir: Path, split: Split = "test", threads: int | None = None
+) -> dict[str, dict[str, dict[str, dict]]]:
+    """Load a model exactly as the services do and evaluate it on one split."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    encoder = load_dual_encoder(spec)
+    products = in_split(load_products(data_dir), split)
+    return evaluate(encoder, products)
+
+
+def encode_speed(encoder: DualEncoder, pictures: Sequence[Image.Image], rounds: int = 20
+                 ) -> dict[str, float]:
+    """Image encode throughput at batch 32 and single text-query latency (p50, p99), as served:
+    products through `encode_products` (image + title), queries through `encode_texts`."""
+    import time
+
+    batch = [pictures[i % len(pictures)] for i in range(32)]
+    titles = [f"product {i} navy blue shirt" for i in range(32)]
+    encoder.encode_products(batch, titles)  # warm-up
+    started = time.perf_counter()
+    for _ in range(max(1, rounds // 4)):
+        encoder.encode_products(batch, titles)
+    images_per_s = 32 * max(1, rounds // 4) / (time.perf_counter() - started)
+    latencies = []
+    for i in range(rounds * 5):
+        started = time.perf_counter()
+        encoder.encode_texts([f"red leather ankle boots {i}"])
+        latencies.append((time.perf_counter() - started) * 1000)
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return {"images_per_s_batch32": images_per_s, "text_p50_ms": float(p50),
+            "text_p99_ms": float(p99)}
+
+
+def speed_of_spec(spec: ModelSpec, data_dir: Path) -> dict[str, float]:
+    """`encode_speed` of a spec loaded as the services load it, on real product pictures."""
+    from vitrine.training.features import load_images
+
+    products = in_split(load_products(data_dir, limit=400), "test")
+    return encode_speed(load_dual_encoder(spec), load_images([p.image for p in products[:32]]))
