@@ -180,12 +180,11 @@ def evaluate(
     weights: Annotated[list[str] | None, typer.Option(help="weights; repeat to compare")] = None,
     split: Annotated[str, typer.Option(help="test or val")] = "test",
     json_out: Annotated[Path | None, typer.Option("--json", help="write all metrics")] = None,
-    speed: Annotated[bool, typer.Option(help="also time image and query encoding")] = False,
 ) -> None:
     """Text-to-image retrieval metrics under the three catalog conditions, as a table."""
     from vitrine.model import ModelSpec
     from vitrine.settings import CommonSettings
-    from vitrine.training.eval import evaluate_spec, markdown_table, speed_of_spec
+    from vitrine.training.eval import evaluate_spec, markdown_table
 
     default = CommonSettings().model_spec()
     specs = [ModelSpec(arch or default.architecture, w or None, default.seed)
@@ -195,9 +194,6 @@ def evaluate(
     results = {spec.model_id: evaluate_spec(spec, data, "val" if split == "val" else "test")
                for spec in specs}
     typer.echo(markdown_table(results))
-    if speed:
-        for spec in specs:
-            typer.echo(f"{spec.model_id}: {speed_of_spec(spec, data)}")
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 

@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vitrine.errors import ModelSpecError
+from vitrine.settings import Precision
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,6 +59,7 @@ HF_HUB_PREFIX = "hf-hub:"
 PYPI_PREFIX = "pypi:"
 EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
 EFFICIENTNET_LITE0_SKIP = "_fc."  # the ImageNet classifier; our head is the projection
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 MAX_BATCH = 256  # bounds activation memory when a caller hands over a long list
 # Poolers that read only the attention mask or token 0, so trailing padding cannot change them.
@@ -155,9 +158,18 @@ class DualEncoder:
         model_id: str,
         device: torch.device,
         fusion: GatedFusion | None = None,
+        precision: Precision = "auto",
+        preprocess_threads: int = 0,
     ) -> None:
         self.model = model
         self.fusion = fusion
+        self.precision = _resolve_precision(precision, device)
+        # Resizing and normalising pictures is CPU work that would leave a GPU idle: a pool
+        # prepares the next batch while the current one runs (0 threads: inline).
+        self._pool = (
+            ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess")
+            if preprocess_threads > 0 else None
+        )
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_id = model_id
@@ -181,14 +193,23 @@ class DualEncoder:
         # fill 255 paints palette entry 255, not the white the config asks for.
         return torch.stack([self.preprocess(_as_rgb(image)) for image in images])
 
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """L2-normalised float32 image vectors, one row per image."""
+    def encode_images(self, images: Sequence[Image.Image], batch: int = MAX_BATCH) -> np.ndarray:
+        """L2-normalised float32 image vectors, one row per image.
+
+        With a preprocessing pool, batch i + 1 is prepared while batch i runs on the device;
+        on CUDA its pixels go through pinned memory, so the copy overlaps the compute.
+        """
+        chunks = [images[start : start + batch] for start in range(0, len(images), batch)]
         rows = []
-        for start in range(0, len(images), MAX_BATCH):
-            pixels = self.preprocess_images(images[start : start + MAX_BATCH]).to(self.device)
+        upcoming = self._prepare(chunks[0]) if chunks else None
+        for index in range(len(chunks)):
+            assert upcoming is not None
+            pixels = upcoming.result()
+            upcoming = self._prepare(chunks[index + 1]) if index + 1 < len(chunks) else None
+            pixels = pixels.to(self.device, non_blocking=pixels.is_pinned())
             if self._channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 rows.append(_normalised(self.model.encode_image(pixels)))
         return _stack(rows, self.dim)
 
@@ -197,9 +218,37 @@ class DualEncoder:
         rows = []
         for start in range(0, len(texts), MAX_BATCH):
             tokens = self._tokenize(list(texts[start : start + MAX_BATCH])).to(self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 rows.append(_normalised(self.model.encode_text(tokens)))
         return _stack(rows, self.dim)
+
+    def _prepare(self, images: Sequence[Image.Image]) -> Future[torch.Tensor]:
+        """The pixels of one batch, prepared in the pool (or now, without one)."""
+        if self._pool is None:
+            done: Future[torch.Tensor] = Future()
+            done.set_result(self._pinned(self.preprocess_images(images)))
+            return done
+        parts = [self._pool.submit(self.preprocess, _as_rgb(image)) for image in images]
+        return self._pool.submit(self._gather, parts)
+
+    def _gather(self, parts: list[Future[torch.Tensor]]) -> torch.Tensor:
+        if not parts:
+            return torch.empty((0, 3, *self._input_hw))
+        return self._pinned(torch.stack([part.result() for part in parts]))
+
+    def _pinned(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = AUTOCAST_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def close(self) -> None:
+        """Stop the preprocessing pool (the model itself needs no cleanup)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def encode_products(
         self, images: Sequence[Image.Image | None], texts: Sequence[str | None]
@@ -260,11 +309,18 @@ class DualEncoder:
         return tokens[:, :length]
 
 
-def load_dual_encoder(spec: ModelSpec, device: str | None = None) -> DualEncoder:
+def load_dual_encoder(
+    spec: ModelSpec,
+    device: str | None = None,
+    precision: Precision = "auto",
+    preprocess_threads: int | None = None,
+) -> DualEncoder:
     """Build the spec's model through open_clip, deterministically, and wrap it for encoding.
 
     Without a checkpoint every process gets identical weights (seeded init on the CPU), so the
-    router and the encoders agree on the vector space.
+    router and the encoders agree on the vector space. The device defaults to CUDA when present;
+    `precision` "auto" is fp16 autocast there and fp32 on the CPU. `preprocess_threads` None:
+    a pool of up to 8 threads on a GPU (to keep it fed), none on the CPU (torch has the cores).
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     open_clip = _open_clip()
@@ -287,7 +343,11 @@ def load_dual_encoder(spec: ModelSpec, device: str | None = None) -> DualEncoder
     pp_cfg = open_clip.transform.PreprocessCfg(**model.visual.preprocess_cfg)
     preprocess = open_clip.transform.image_transform_v2(pp_cfg, is_train=False)
     tokenizer = open_clip.get_tokenizer(name)
-    return DualEncoder(model, tokenizer, preprocess, spec.model_id, target, fusion)
+    if preprocess_threads is None:
+        preprocess_threads = min(8, os.cpu_count() or 1) if target.type == "cuda" else 0
+    return DualEncoder(
+        model, tokenizer, preprocess, spec.model_id, target, fusion, precision, preprocess_threads
+    )
 
 
 def save_delta(
@@ -662,6 +722,18 @@ def _file_digest(path: Path) -> str:
 
 def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """"auto": fp16 on CUDA (tensor cores, half the activation memory), fp32 on the CPU, whose
+    bf16 kernels are only faster where the CPU has AMX or AVX512-BF16."""
+    if precision not in ("auto", *AUTOCAST_DTYPES):
+        raise ModelSpecError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ModelSpecError("fp16 autocast needs a GPU; on the CPU use bf16 or fp32")
+    return precision
 
 
 def _normalised(features: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,16 @@ and passes them in, and tests build them with keyword overrides.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vitrine.fetch import FetchPolicy
 from vitrine.kafka import TopicSpec, vitrine_topics
+
+# Autocast of the towers; "auto" is fp16 on CUDA, fp32 on the CPU (vitrine.model).
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 if TYPE_CHECKING:  # the model module imports torch: keep it off the CLI's import path
     from vitrine.model import ModelSpec
@@ -43,6 +46,9 @@ class CommonSettings(BaseSettings):
         "'offline' or empty",
     )
     model_seed: int = 0
+    model_precision: Precision = Field(
+        default="auto", description="autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16"
+    )
     filter_fields: list[str] = Field(
         default=["gender", "master_category", "sub_category", "article_type", "colour",
                  "usage", "season"],

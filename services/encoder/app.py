@@ -47,10 +47,16 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
-    app[MODEL] = await asyncio.to_thread(load_dual_encoder, app[SETTINGS].model_spec())
-    limit_compute_threads(app[SETTINGS].compute_threads)
-    log.info("model loaded", model_id=app[MODEL].model_id, dim=app[MODEL].dim)
+    settings = app[SETTINGS]
+    app[MODEL] = await asyncio.to_thread(
+        load_dual_encoder, settings.model_spec(), precision=settings.model_precision,
+        preprocess_threads=settings.preprocess_threads,
+    )
+    limit_compute_threads(settings.compute_threads)
+    log.info("model loaded", model_id=app[MODEL].model_id, dim=app[MODEL].dim,
+             device=str(app[MODEL].device), precision=app[MODEL].precision)
     yield
+    app[MODEL].close()
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:

@@ -14,4 +14,7 @@ class EncoderSettings(CommonSettings):
     batch_timeout_ms: int = Field(default=200, ge=1, description="flush a partial batch after")
     fetch_concurrency: int = Field(default=16, ge=1)
     vector_dtype: Literal["f16", "f32"] = "f16"
+    preprocess_threads: int | None = Field(
+        default=None, ge=0, description="picture resize/normalise pool (unset: 8 on GPU, 0 on CPU)"
+    )
 

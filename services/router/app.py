@@ -133,7 +133,9 @@ async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
-    model = await asyncio.to_thread(load_dual_encoder, app[SETTINGS].model_spec())
+    model = await asyncio.to_thread(
+        load_dual_encoder, app[SETTINGS].model_spec(), precision=app[SETTINGS].model_precision
+    )
     limit_compute_threads(app[SETTINGS].compute_threads)
     await asyncio.to_thread(model.encode_texts, ["warm up"])  # first call pays one-off costs
     app[MODEL] = model

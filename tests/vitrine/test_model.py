@@ -292,3 +292,59 @@ def test_the_default_spec_is_the_shipped_trained_model() -> None:
         [Image.new("RGB", (60, 80), (200, 20, 20))] * 2, ["Red Dress", "Black Leather Shoes"]
     )
     assert np.argmax(queries @ products.T, axis=1).tolist() == [0, 1]
+
+
+# --- serving precision and the preprocessing pool ----------------------------------------------
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1)  # both sides are unit vectors
+
+
+def test_preprocessing_pool_pipelines_batches_without_changing_vectors(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    pooled = load_dual_encoder(SPEC, device="cpu", preprocess_threads=2)
+    batch = [pictures[i % 2].rotate(15 * i) for i in range(7)]
+    try:
+        together = pooled.encode_images(batch, batch=3)  # three batches: two prepared ahead
+    finally:
+        pooled.close()
+    np.testing.assert_allclose(together, encoder.encode_images(batch), atol=1e-5)
+    assert together.shape == (7, 384)
+
+
+def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    bf16 = load_dual_encoder(SPEC, device="cpu", precision="bf16")
+    assert (bf16.precision, encoder.precision) == ("bf16", "fp32")
+    images, texts = bf16.encode_images(pictures), bf16.encode_texts(TEXTS)
+    assert images.dtype == np.float32
+    assert _cosines(images, encoder.encode_images(pictures)).min() > 0.98
+    assert _cosines(texts, encoder.encode_texts(TEXTS)).min() > 0.98
+    assert not np.array_equal(texts, encoder.encode_texts(TEXTS))  # it really ran in bf16
+
+
+def test_precision_is_checked_against_the_device() -> None:
+    with pytest.raises(ModelSpecError, match="needs a GPU"):
+        load_dual_encoder(SPEC, device="cpu", precision="fp16")
+    with pytest.raises(ModelSpecError, match="precision must be"):
+        load_dual_encoder(SPEC, device="cpu", precision="int8")  # type: ignore[arg-type]
+
+
+@NO_CUDA
+def test_cuda_fp16_encoding_matches_the_cpu(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    gpu = load_dual_encoder(SPEC, device="cuda")  # auto: fp16 autocast, a preprocessing pool
+    try:
+        assert gpu.precision == "fp16"
+        batch = pictures * 5
+        images = gpu.encode_images(batch, batch=4)  # pinned, pipelined batches
+        assert _cosines(images, encoder.encode_images(batch)).min() > 0.995
+        assert _cosines(gpu.encode_texts(TEXTS), encoder.encode_texts(TEXTS)).min() > 0.995
+    finally:
+        gpu.close()

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder, product_text
 from vitrine.training.data import (
@@ -205,34 +204,3 @@ def evaluate_spec(
     encoder = load_dual_encoder(spec)
     products = in_split(load_products(data_dir), split)
     return evaluate(encoder, products)
-
-
-def encode_speed(encoder: DualEncoder, pictures: Sequence[Image.Image], rounds: int = 20
-                 ) -> dict[str, float]:
-    """Image encode throughput at batch 32 and single text-query latency (p50, p99), as served:
-    products through `encode_products` (image + title), queries through `encode_texts`."""
-    import time
-
-    batch = [pictures[i % len(pictures)] for i in range(32)]
-    titles = [f"product {i} navy blue shirt" for i in range(32)]
-    encoder.encode_products(batch, titles)  # warm-up
-    started = time.perf_counter()
-    for _ in range(max(1, rounds // 4)):
-        encoder.encode_products(batch, titles)
-    images_per_s = 32 * max(1, rounds // 4) / (time.perf_counter() - started)
-    latencies = []
-    for i in range(rounds * 5):
-        started = time.perf_counter()
-        encoder.encode_texts([f"red leather ankle boots {i}"])
-        latencies.append((time.perf_counter() - started) * 1000)
-    p50, p99 = np.percentile(latencies, [50, 99])
-    return {"images_per_s_batch32": images_per_s, "text_p50_ms": float(p50),
-            "text_p99_ms": float(p99)}
-
-
-def speed_of_spec(spec: ModelSpec, data_dir: Path) -> dict[str, float]:
-    """`encode_speed` of a spec loaded as the services load it, on real product pictures."""
-    from vitrine.training.features import load_images
-
-    products = in_split(load_products(data_dir, limit=400), "test")
-    return encode_speed(load_dual_encoder(spec), load_images([p.image for p in products[:32]]))
