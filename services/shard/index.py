@@ -8,6 +8,9 @@ top-k. Covered by tests/shard/test_index.py.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import faiss
 import numpy as np
 
@@ -17,6 +20,12 @@ from vitrine.errors import InvalidMessage
 
 def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+@functools.cache
+def gpu_resources() -> Any:
+    """The process's FAISS GPU resources (scratch memory, streams): one for every index."""
+    return faiss.StandardGpuResources()  # type: ignore[attr-defined]  # GPU builds only
 
 
 class ExactIndex:
@@ -29,7 +38,7 @@ class ExactIndex:
         self._codes = np.full((capacity, fields), -1, dtype=np.int32)
         self._ids: list[str] = []
         self._slots: dict[str, int] = {}
-        self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
+        self._gpu_resources = gpu_resources() if self.use_gpu else None
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -6,6 +6,13 @@ and searches skip dead rows with an IDSelector applied inside the index scan. Me
 growing buffer in is `clone + add` on a background thread; a full rebuild (retrain, dead rows
 dropped) happens when the dead ratio or the growth since training passes its threshold.
 
+Where FAISS sees a GPU (`IndexSpec.gpu`), flat, IVF-Flat and IVF-PQ segments also get a copy on
+the GPU (`GpuIndexFlat` / `GpuIndexIVFFlat` / `GpuIndexIVFPQ`, fp16 where the spec asks) that
+answers the searches, while the CPU index stays the one that is cloned, merged and snapshotted.
+FAISS GPU indexes ignore IDSelectors, so there dead and filtered rows are dropped after an
+oversampled search; a search that oversampling cannot satisfy (FAISS GPU returns at most 2048
+neighbours) falls back to the CPU index with its selector.
+
 The raw vectors stay beside the index in fp16 (unless `raw_vectors` is off, for catalogs whose
 raw vectors do not fit in memory): they make rebuilds and snapshots independent of the index
 type, re-rank IVF-PQ candidates exactly, and answer selective filters by brute force (exact,
@@ -25,16 +32,24 @@ import faiss
 import numpy as np
 
 from services.shard.attributes import CompiledFilter
+from services.shard.index import gpu_available, gpu_resources
 
 IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw", "torch"]
+GPU_KINDS = ("flat", "ivf_flat", "ivf_pq")  # the sealed kinds FAISS GPU can hold
+GPU_MAX_K = 2048  # the most neighbours (and IVF lists probed) a FAISS GPU search returns
+OVERSAMPLE_MARGIN = 1.25  # fetch this much more than the live fraction says is needed
 TRAINING_POINTS_PER_LIST = 64  # FAISS wants >= 39; more costs build time, not recall
 
 
 def resolve_index_type(kind: IndexType | Literal["auto"]) -> IndexType:
-    """"auto": the torch GPU scan where CUDA is present (checked without importing torch on
-    machines with no NVIDIA driver), else IVF-Flat on the CPU."""
+    """"auto": an exact scan where there is a GPU: FAISS GPU's fp16 flat index where the
+    installed FAISS sees one, else the torch CUDA scan (FAISS GPU wheels need CUDA 12 libraries
+    a CUDA 13 machine may lack; checked without importing torch on machines with no NVIDIA
+    driver); IVF-Flat on the CPU."""
     if kind != "auto":
         return kind
+    if gpu_available():
+        return "flat"
     if Path("/dev/nvidiactl").exists():
         from services.shard.torch_index import cuda_available
 
@@ -59,6 +74,7 @@ class IndexSpec:
     exact_filter_below: int = 20_000  # a filter passing fewer rows is answered by brute force
     retrain_growth: float = 4.0  # retrain IVF once the segment is this many times its training
     raw_vectors: bool = True  # keep fp16 raw vectors beside the index (see the module doc)
+    gpu: bool = False  # search a FAISS GPU copy of flat / IVF segments (see the module doc)
 
     def nlist_for(self, n: int) -> int:
         wanted = self.nlist or int(2 * math.sqrt(n))
@@ -67,7 +83,7 @@ class IndexSpec:
     def factory_string(self, n: int, dim: int) -> str:
         codes = "SQfp16" if self.fp16 else "Flat"
         if self.kind == "flat":
-            return codes
+            return "Flat" if self.gpu else codes  # FAISS GPU makes its fp16 copy from Flat
         if self.kind == "hnsw":
             return f"HNSW{self.hnsw_m},{codes}"
         if self.kind == "torch":
@@ -89,10 +105,13 @@ class SealedSegment:
     trained_on: int  # rows the index was trained on (0: needs no training)
     kind: IndexType  # what it was built as: a rebuild follows a change of settings
     dead: np.ndarray = field(init=False)  # row -> updated or deleted since sealing
+    device_index: Any = field(init=False, default=None)  # the FAISS GPU copy that searches
     _live_bits: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.dead = np.zeros(len(self.ids), dtype=bool)
+        if self.spec.gpu and self.kind in GPU_KINDS and len(self.ids):
+            self.device_index = gpu_copy(self.index, self.spec)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,13 +137,19 @@ class SealedSegment:
         if self.kind == "torch":  # a mask, not an IDSelector
             live = ~self.dead if self.dead.any() else None
             return self.index.search(queries, k, live if allowed is None else allowed)
-        bits = self._live_bitmap() if allowed is None else _pack(allowed)
         pq = self.kind == "ivf_pq" and "PQ" in type(faiss.downcast_index(self.index)).__name__
         pq = pq and self.vectors is not None  # re-ranking needs the raw vectors
-        wanted = k * self.spec.refine_factor if pq else k
-        params, selector = self._params(bits)
-        scores, rows = self.index.search(queries, min(wanted, len(self)), params=params)
-        del selector  # FAISS held a raw pointer to it (and to `bits`) until here
+        wanted = min(k * self.spec.refine_factor if pq else k, len(self))
+        found = None
+        if self.device_index is not None:
+            keep = allowed if allowed is not None else (~self.dead if self.dead.any() else None)
+            found = oversampled_search(self.device_index, queries, wanted, keep)
+        if found is None:
+            bits = self._live_bitmap() if allowed is None else _pack(allowed)
+            params, selector = self._params(bits)
+            found = self.index.search(queries, wanted, params=params)
+            del selector  # FAISS held a raw pointer to it (and to `bits`) until here
+        scores, rows = found
         if pq:
             return self._rerank(queries, rows, k)
         return scores, rows
@@ -188,6 +213,52 @@ class SealedSegment:
         """Memory of the ANN structure, the raw vectors and the row tables."""
         raw = self.vectors.nbytes if self.vectors is not None else 0
         return index_bytes(self.index) + raw + self.codes.nbytes + 16 * len(self)
+
+
+def gpu_copy(index: Any, spec: IndexSpec) -> Any:
+    """A FAISS GPU copy of a CPU index, or None where this FAISS cannot hold that index on a
+    GPU (e.g. fp16 flat codes, which FAISS GPU has only inside IVF): the CPU index serves."""
+    options = faiss.GpuClonerOptions()  # type: ignore[attr-defined]  # GPU builds only
+    # Flat: GpuIndexFlatIP in fp16 (half the memory and bandwidth of a scan); PQ: fp16 lookup
+    # tables, which 64-byte codes need; IVF-Flat: fp16 lists where the spec asks.
+    options.useFloat16 = spec.fp16 or spec.kind in ("flat", "ivf_pq")
+    try:
+        device = faiss.index_cpu_to_gpu(gpu_resources(), 0, index, options)  # type: ignore[attr-defined]
+    except RuntimeError:
+        return None
+    if spec.kind != "flat":
+        faiss.GpuParameterSpace().set_index_parameter(  # type: ignore[attr-defined]
+            device, "nprobe", min(spec.nprobe, GPU_MAX_K)
+        )
+    return device
+
+
+def oversampled_search(
+    index: Any, queries: np.ndarray, k: int, keep: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The best `k` rows with `keep` set, from an index that cannot skip rows itself: fetch
+    k over the kept fraction (with a margin), drop the rest, widen until every query has
+    enough. None when even the widest search cannot (the caller falls back to a selector)."""
+    if keep is None:
+        return index.search(queries, k) if k <= GPU_MAX_K else None
+    passing, total = int(keep.sum()), len(keep)
+    nq = len(queries)
+    if passing == 0 or k == 0:
+        return np.zeros((nq, 0), dtype=np.float32), np.zeros((nq, 0), dtype=np.int64)
+    needed, widest = min(k, passing), min(total, GPU_MAX_K)
+    fetch = min(widest, math.ceil(k * total / passing * OVERSAMPLE_MARGIN) + 8)
+    while True:
+        scores, rows = index.search(queries, fetch)
+        kept = (rows >= 0) & keep[np.maximum(rows, 0)]
+        if kept.sum(axis=1).min() >= needed:
+            break
+        if fetch >= widest:
+            return None
+        fetch = min(widest, fetch * 4)
+    order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # kept first, in score order
+    picked = np.take_along_axis(rows, order, axis=1)
+    picked[~np.take_along_axis(kept, order, axis=1)] = -1
+    return np.take_along_axis(scores, order, axis=1), picked
 
 
 def build_sealed(

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from services.shard.index import gpu_available
 from services.shard.segments import IndexSpec, IndexType, resolve_index_type
 from services.shard.store import ShardStore
 from vitrine.settings import CommonSettings
@@ -28,11 +29,11 @@ class ShardSettings(CommonSettings):
     )
     index_type: IndexType | Literal["auto"] = Field(
         default="auto",
-        description="flat, ivf_flat, ivf_pq, hnsw, torch; auto: torch (exact fp16) where CUDA "
-        "is present, else ivf_flat",
+        description="flat, ivf_flat, ivf_pq, hnsw, torch; auto: an exact fp16 scan on a GPU "
+        "(FAISS GPU flat, else torch), else ivf_flat",
     )
     index_fp16: bool = Field(default=False, description="fp16 codes (flat, ivf_flat, hnsw)")
-    ivf_nlist: int = Field(default=0, ge=0, description="0: about 4*sqrt(n)")
+    ivf_nlist: int = Field(default=0, ge=0, description="0: about 2*sqrt(n)")
     ivf_nprobe: int = Field(default=32, ge=1)
     pq_m: int = Field(default=64, ge=1, description="IVF-PQ bytes per vector; divides dim")
     pq_refine_factor: int = Field(default=64, ge=1, description="IVF-PQ exact re-rank of k*f")
@@ -57,6 +58,7 @@ class ShardSettings(CommonSettings):
             hnsw_m=self.hnsw_m, ef_construction=self.hnsw_ef_construction,
             ef_search=self.hnsw_ef_search, exact_filter_below=self.exact_filter_below,
             raw_vectors=self.keep_raw_vectors,
+            gpu=gpu_available() if self.use_gpu is None else self.use_gpu,
         )
 
     def new_store(self) -> ShardStore:

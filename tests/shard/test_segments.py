@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import faiss
 import numpy as np
 import pytest
 
 from proto.vectors import VectorRecord
-from services.shard.segments import IndexSpec, IndexType
+from services.shard.index import gpu_available
+from services.shard.segments import GPU_MAX_K, IndexSpec, IndexType, oversampled_search
 from services.shard.store import ShardStore
 from vitrine.errors import InvalidQuery
 
@@ -143,3 +145,76 @@ def test_default_parameters_reach_the_recall_target(kind: IndexType) -> None:
 
 def _live_vectors(store: ShardStore, vectors: np.ndarray) -> dict[str, np.ndarray]:
     return {pid: vectors[int(pid[1:])] for pid in store.live_versions()}
+
+
+# --- searching without selectors, as on FAISS GPU ----------------------------------------------
+
+
+def test_oversampling_finds_what_a_selector_finds() -> None:
+    """A FAISS GPU index ignores IDSelectors; a flat CPU index searched without one returns
+    the same rows, so it checks the oversample-and-drop logic exactly."""
+    vectors = clustered(6_000, 32)
+    index = faiss.IndexFlatIP(32)
+    index.add(vectors)
+    queries = vectors[[3, 1_000, 4_500]]
+    rng = np.random.default_rng(2)
+    for kept_fraction in (0.9, 0.3, 0.05):
+        keep = rng.random(len(vectors)) < kept_fraction
+        selector = faiss.IDSelectorBatch(np.flatnonzero(keep))
+        expected = index.search(queries, 25, params=faiss.SearchParameters(sel=selector))
+        found = oversampled_search(index, queries, 25, keep)
+        assert found is not None
+        np.testing.assert_array_equal(found[1], expected[1])
+        np.testing.assert_allclose(found[0], expected[0], rtol=1e-6)
+    # kept rows that even the widest search (GPU_MAX_K neighbours) does not reach: no answer,
+    # so the caller falls back to the CPU index with its selector
+    far = np.argsort(queries[:1] @ vectors.T)[0, :3]  # the query's three worst matches
+    assert len(vectors) > GPU_MAX_K
+    assert oversampled_search(index, queries[:1], 3, np.isin(np.arange(len(vectors)), far)) is None
+    empty = oversampled_search(index, queries, 5, np.zeros(len(vectors), dtype=bool))
+    assert empty is not None and empty[1].shape == (3, 0)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "ivf_pq"])
+def test_a_segment_searched_without_selectors_skips_dead_and_filtered_rows(
+    kind: IndexType,
+) -> None:
+    vectors = clustered(10_000, 32)
+    spec = IndexSpec(kind=kind, pq_m=8, nprobe=64, refine_factor=16, exact_filter_below=0)
+    store = ShardStore(spec, ["colour"], seal_threshold=10**6)
+    fill(store, vectors)
+    asyncio.run(store.seal())
+    for i in range(0, 10_000, 2):  # half of the sealed rows die
+        store.apply(VectorRecord.tombstone(f"p{i}", 2, "m"))
+    queries = vectors[[2, 5, 4_000]]
+    with_selector = [store.search(queries, 10), store.search(queries, 10, {"colour": ["red"]})]
+    assert store.sealed is not None
+    stand_in = faiss.clone_index(store.sealed.index)  # searched as a GPU copy is: no selector,
+    if kind != "flat":  # and the probe count gpu_copy sets
+        faiss.extract_index_ivf(stand_in).nprobe = spec.nprobe
+    store.sealed.device_index = stand_in
+    without = [store.search(queries, 10), store.search(queries, 10, {"colour": ["red"]})]
+    assert without[0][1] == with_selector[0][1] and without[1][1] == with_selector[1][1]
+    assert all(int(pid[1:]) % 2 for row in without[0][1] for pid in row)  # no dead row
+    assert all(int(pid[1:]) % 6 == 3 for row in without[1][1] for pid in row)  # odd and red
+
+
+@pytest.mark.skipif(not gpu_available(), reason="no GPU visible to FAISS")
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "ivf_pq"])
+def test_faiss_gpu_segments_answer_like_the_cpu_ones(kind: IndexType) -> None:
+    vectors = clustered(20_000, 64)
+    queries = vectors[:50]
+    answers = []
+    for gpu in (False, True):
+        spec = IndexSpec(kind=kind, pq_m=16, nprobe=64, gpu=gpu, exact_filter_below=0)
+        store = ShardStore(spec, ["colour"], seal_threshold=10**6, use_gpu=gpu)
+        fill(store, vectors)
+        asyncio.run(store.seal())
+        store.apply(VectorRecord.tombstone("p1", 2, "m"))
+        assert store.sealed is not None and (store.sealed.device_index is not None) == gpu
+        red = store.search(queries, 10, {"colour": ["red"]})[1]
+        answers.append([store.search(queries, 10)[1], red])
+    for cpu, gpu in zip(answers[0], answers[1], strict=True):
+        overlap = [len(set(a) & set(b)) / 10 for a, b in zip(cpu, gpu, strict=True)]
+        assert np.mean(overlap) >= 0.95  # fp16 on the GPU may swap near-ties
+        assert not any("p1" in row for row in gpu)
