@@ -8,7 +8,7 @@ go through `DualEncoder.encode_products` with their titles, as the encoder servi
 batch of events: preprocessing (resize, pad, normalise), the image tower, the text tower and
 the fusion. Per device, precision, preprocessing-pool size and batch size: images/s. Then
 single text queries as the router encodes them: p50/p99 ms. The default model spec is the
-services' (VITRINE_MODEL_ARCH / VITRINE_MODEL_WEIGHTS). On a GPU, "auto" is fp16 autocast.
+services' (VITRINE_MODEL_ARCH / VITRINE_MODEL_WEIGHTS). On a GPU, "auto" is fp16.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ class CommonSettings(BaseSettings):
     )
     model_seed: int = 0
     model_precision: Precision = Field(
-        default="auto", description="autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16"
+        default="auto",
+        description="towers' weights: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16",
     )
     filter_fields: list[str] = Field(
         default=["gender", "master_category", "sub_category", "article_type", "colour",

@@ -316,7 +316,7 @@ def test_preprocessing_pool_pipelines_batches_without_changing_vectors(
     assert together.shape == (7, 384)
 
 
-def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(
+def test_bf16_weights_on_the_cpu_stay_close_to_fp32(
     encoder: DualEncoder, pictures: list[Image.Image]
 ) -> None:
     bf16 = load_dual_encoder(SPEC, device="cpu", precision="bf16")
@@ -339,7 +339,7 @@ def test_precision_is_checked_against_the_device() -> None:
 def test_cuda_fp16_encoding_matches_the_cpu(
     encoder: DualEncoder, pictures: list[Image.Image]
 ) -> None:
-    gpu = load_dual_encoder(SPEC, device="cuda")  # auto: fp16 autocast, a preprocessing pool
+    gpu = load_dual_encoder(SPEC, device="cuda")  # auto: fp16 weights, a preprocessing pool
     try:
         assert gpu.precision == "fp16"
         batch = pictures * 5

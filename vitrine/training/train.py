@@ -294,7 +294,9 @@ class Run:
 def prepare(settings: TrainSettings) -> Run:
     torch.set_num_threads(settings.threads)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_dual_encoder(ModelSpec(settings.architecture, "offline", settings.seed), device)
+    encoder = load_dual_encoder(
+        ModelSpec(settings.architecture, "offline", settings.seed), device, precision="fp32"
+    )
     products = load_products(settings.data_dir, settings.limit)
     acts = trunk_activations(encoder, products, settings.feature_block, settings.cache_dir)
     index = {split: np.array([i for i, p in enumerate(products) if p.split == split])
