@@ -2,7 +2,7 @@
 (prints a table; not a test).
 
     .venv/bin/python benchmarks/scale.py [--sizes 1000000,5000000,10000000] [--shards 1,2,4]
-        [--dim 384] [--nlist 1024] [--nprobe 32] [--pq-m 64] [--queries 100]
+        [--dim 384] [--nlist 1024] [--nprobe 32] [--pq-m 64] [--queries 128] [--raw-vectors]
 
 Per size, the catalog is generated in seeded chunks and never held whole: one IVF-PQ is trained
 on a sample, every chunk is added to the sub-index of its partition (id % P, P = the vector
@@ -18,6 +18,10 @@ those snapshots (the log is empty) behind the real router. Then, per S:
 - single queries: p50/p99 straight to shard 0 (pre-encoded vector) and through the router
   (warm query cache, so the text tower is not in the figure), and their ratio;
 - throughput at batch 64: batches fanned out to every shard and merged, queries/s.
+
+With `--raw-vectors` every shard also keeps its vectors in fp16 (2 bytes per dimension) and
+re-ranks `VITRINE_PQ_REFINE_FACTOR` x k PQ candidates exactly, the shards' default; the codes
+alone (the default here) are what lets 10M vectors fit in this machine's memory.
 
 The dimension defaults to 384, the dimension the router's text tower produces, so the router
 can be queried; with `--dim 512` the router rows are skipped. No metadata is written to Redis:
@@ -97,14 +101,30 @@ def build_partitions(
     return blobs, best_ids, time.perf_counter() - started
 
 
+def shard_vectors(catalog: Catalog, owned: list[int], partitions: int) -> np.ndarray:
+    """fp16 vectors of a shard's products, in its sealed segment's row order (partition-major)."""
+    offsets = {}
+    for p in owned:
+        offsets[p] = sum(len(range(q, catalog.size, partitions)) for q in owned if q < p)
+    out = np.empty((sum(len(range(p, catalog.size, partitions)) for p in owned), catalog.dim),
+                   dtype=np.float16)
+    for start in range(0, catalog.size, CHUNK):
+        x = catalog.chunk(start)
+        ids = np.arange(start, start + len(x))
+        for p in owned:
+            rows = (ids % partitions) == p
+            out[offsets[p] + ids[rows] // partitions] = x[rows]
+    return out
+
+
 def write_shard_snapshots(
-    blobs: list[bytes], size: int, num_shards: int, spec: IndexSpec, state_dir: Path,
+    catalog: Catalog, blobs: list[bytes], num_shards: int, spec: IndexSpec, state_dir: Path,
     settings: CommonSettings,
 ) -> tuple[float, int]:
     """Each shard's sealed segment = its partitions merged, written as its snapshot.
     Returns (seconds, bytes of the IVF-PQ structures)."""
     started = time.perf_counter()
-    partitions = len(blobs)
+    partitions, size = len(blobs), catalog.size
     structure = 0
     for shard in range(num_shards):
         owned = [p for p in range(partitions) if p % num_shards == shard]
@@ -116,7 +136,8 @@ def write_shard_snapshots(
         assert len(ids) == index.ntotal
         structure += index_bytes(index)
         sealed = SealedSegment(
-            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64), vectors=None,
+            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
+            vectors=shard_vectors(catalog, owned, partitions) if spec.raw_vectors else None,
             codes=np.zeros((len(ids), len(settings.filter_fields)), dtype=np.int32),
             spec=spec, trained_on=len(ids), kind="ivf_pq",
         )
@@ -221,12 +242,16 @@ def main() -> None:
     parser.add_argument("--pq-m", type=int, default=64)
     parser.add_argument("--queries", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw-vectors", action="store_true",
+                        help="shards keep fp16 raw vectors and re-rank PQ candidates exactly")
     args = parser.parse_args()
     settings = CommonSettings()
     spec = IndexSpec(kind="ivf_pq", nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m,
-                     raw_vectors=False)
+                     raw_vectors=args.raw_vectors)
+    kept = (f"fp16 raw vectors kept, re-rank {spec.refine_factor} x k" if args.raw_vectors
+            else "no raw vectors kept")
     print(f"# {os.cpu_count()} cores; dim {args.dim}; IVF{args.nlist},PQ{args.pq_m}x8, nprobe "
-          f"{args.nprobe}, no raw vectors kept; {args.queries} queries near catalog items; "
+          f"{args.nprobe}, {kept}; {args.queries} queries near catalog items; "
           f"P = {settings.vector_partitions}", flush=True)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -238,12 +263,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="vitrine-scale-") as tmp:
                 state = Path(tmp)
                 assemble_s, structure = write_shard_snapshots(
-                    blobs, size, num_shards, spec, state, settings)
+                    catalog, blobs, num_shards, spec, state, settings)
                 stack = LocalStack(StackSettings(
                     num_shards=num_shards, router_port=0, state_dir=state, kafka_bootstrap=None,
                     redis_url=None, start_timeout_s=1800, deadline_ms=2000,
                     service_env={"VITRINE_INDEX_TYPE": "ivf_pq",
-                                 "VITRINE_KEEP_RAW_VECTORS": "false",
+                                 "VITRINE_KEEP_RAW_VECTORS": str(args.raw_vectors).lower(),
                                  "VITRINE_IVF_NPROBE": str(args.nprobe),
                                  "VITRINE_PQ_M": str(args.pq_m)},
                 ))
