@@ -101,19 +101,15 @@ def build_partitions(
     return blobs, best_ids, time.perf_counter() - started
 
 
-def shard_vectors(catalog: Catalog, owned: list[int], partitions: int) -> np.ndarray:
-    """fp16 vectors of a shard's products, in its sealed segment's row order (partition-major)."""
-    offsets = {}
-    for p in owned:
-        offsets[p] = sum(len(range(q, catalog.size, partitions)) for q in owned if q < p)
-    out = np.empty((sum(len(range(p, catalog.size, partitions)) for p in owned), catalog.dim),
-                   dtype=np.float16)
+def shard_vectors(catalog: Catalog, order: np.ndarray) -> np.ndarray:
+    """fp16 vectors of the products `order` lists (catalog ids), in that order."""
+    row_of = np.full(catalog.size, -1, dtype=np.int64)
+    row_of[order] = np.arange(len(order))
+    out = np.empty((len(order), catalog.dim), dtype=np.float16)
     for start in range(0, catalog.size, CHUNK):
         x = catalog.chunk(start)
-        ids = np.arange(start, start + len(x))
-        for p in owned:
-            rows = (ids % partitions) == p
-            out[offsets[p] + ids[rows] // partitions] = x[rows]
+        rows = row_of[start : start + len(x)]
+        out[rows[rows >= 0]] = x[rows >= 0]
     return out
 
 
@@ -132,12 +128,13 @@ def write_shard_snapshots(
         for p in owned[1:]:
             other = faiss.deserialize_index(np.frombuffer(blobs[p], dtype=np.uint8))
             index.merge_from(other, index.ntotal)
-        ids = [f"p{g}" for p in owned for g in range(p, size, partitions)]
+        order = np.concatenate([np.arange(p, size, partitions) for p in owned])
+        ids = [f"p{g}" for g in order]
         assert len(ids) == index.ntotal
         structure += index_bytes(index)
         sealed = SealedSegment(
             index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
-            vectors=shard_vectors(catalog, owned, partitions) if spec.raw_vectors else None,
+            vectors=shard_vectors(catalog, order) if spec.raw_vectors else None,
             codes=np.zeros((len(ids), len(settings.filter_fields)), dtype=np.int32),
             spec=spec, trained_on=len(ids), kind="ivf_pq",
         )
