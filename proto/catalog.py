@@ -1,37 +1,62 @@
 """`CatalogEvent` on `catalog.events`: what the catalog system publishes, key = product_id.
 
+msgpack is the native encoding; a JSON object is accepted too, so a stock client (kcat, Kafka
+Connect's JsonConverter, with or without its schema envelope) can publish. The encoder tells
+them apart by the first byte (`proto.codec.looks_like_json`), and the same validation applies.
 Publishers in other languages get the JSON Schema from `vitrine schema`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from proto.codec import check_schema_version, pack, unpack, validated
+from proto.codec import (
+    MAX_VERSION,
+    STRICT,
+    check_schema_version,
+    looks_like_json,
+    pack,
+    unpack,
+    unpack_json,
+    validated,
+)
 
 CATALOG_EVENT_SCHEMA_VERSION = 1
 MAX_PRODUCT_ID_LEN = 128
+MAX_TITLE_CHARS = 1024
+MAX_IMAGE_URI_CHARS = 4096
+# attributes travel with every vector record and hit: bounded so one event stays small
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_NAME_CHARS = 64
+MAX_ATTRIBUTE_VALUE_CHARS = 512
+
+AttributeName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ATTRIBUTE_NAME_CHARS)]
+AttributeValue = Annotated[str, StringConstraints(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
 
 
 class CatalogEvent(BaseModel):
     """One product create/update (`upsert`) or `delete`, versioned per product."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     schema_version: Literal[1] = 1
     op: Literal["upsert", "delete"]
     product_id: str = Field(
         min_length=1, max_length=MAX_PRODUCT_ID_LEN, pattern=r"^[A-Za-z0-9._:\-]+$"
     )
-    version: int = Field(ge=0, description="Monotonic per product, e.g. update time in ms")
-    image_uri: str | None = Field(
-        default=None, max_length=4096, description="http(s):// or file:// (required for upsert)"
+    version: int = Field(
+        ge=0, le=MAX_VERSION, description="Monotonic per product, e.g. update time in ms"
     )
-    title: str = Field(default="", max_length=1024)
-    attributes: dict[str, str] = Field(
-        default_factory=dict, description="Free-form: colour, category, gender, ..."
+    image_uri: str | None = Field(
+        default=None, max_length=MAX_IMAGE_URI_CHARS,
+        description="http(s):// or file:// (required for upsert)",
+    )
+    title: str = Field(default="", max_length=MAX_TITLE_CHARS)
+    attributes: dict[AttributeName, AttributeValue] = Field(
+        default_factory=dict, max_length=MAX_ATTRIBUTES,
+        description="Free-form: colour, category, gender, ...",
     )
 
     @model_validator(mode="after")
@@ -48,9 +73,20 @@ class CatalogEvent(BaseModel):
 
     @classmethod
     def from_wire(cls, data: bytes) -> CatalogEvent:
-        payload = unpack(data)
+        """msgpack or JSON (see the module doc); a Kafka Connect envelope is unwrapped."""
+        if looks_like_json(data):
+            payload = _unwrap_connect_envelope(unpack_json(data))
+        else:
+            payload = unpack(data)
         check_schema_version(payload, CATALOG_EVENT_SCHEMA_VERSION, "CatalogEvent")
         return validated(cls, payload)
+
+
+def _unwrap_connect_envelope(payload: dict[str, Any]) -> dict[str, Any]:
+    """Kafka Connect's JsonConverter with schemas.enable=true sends {"schema", "payload"}."""
+    if payload.keys() == {"schema", "payload"} and isinstance(payload["payload"], dict):
+        return payload["payload"]  # type: ignore[no-any-return]
+    return payload
 
 
 def catalog_event_json_schema() -> dict[str, Any]:
@@ -58,6 +94,7 @@ def catalog_event_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["required"] = ["schema_version", *schema.get("required", [])]
     schema["description"] = (
-        "Vitrine catalog event, msgpack-encoded on topic catalog.events, key = product_id."
+        "Vitrine catalog event on topic catalog.events, key = product_id: msgpack, or a "
+        "JSON object (optionally in a Kafka Connect {schema, payload} envelope)."
     )
     return schema

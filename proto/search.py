@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from proto.codec import check_schema_version, pack, unpack, validated
+from proto.codec import STRICT, check_schema_version, pack, unpack, validated
 
 SEARCH_SCHEMA_VERSION = 1
 MAX_K = 1000
@@ -19,7 +19,7 @@ MAX_BATCH = 256
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     schema_version: Literal[1] = 1
     queries: bytes = Field(description="float32 row-major (nq, dim)")
@@ -27,7 +27,7 @@ class SearchRequest(BaseModel):
     dim: int = Field(ge=1, le=65536)
     k: int = Field(ge=1, le=MAX_K)
     budget_ms: float = Field(gt=0, description="Time left for this shard to answer")
-    request_id: str = ""
+    request_id: str = Field(default="", max_length=128)
     filters: dict[str, list[str]] = Field(
         default_factory=dict,
         description="attribute -> accepted values (any of); all attributes must match",
@@ -72,7 +72,7 @@ class SearchRequest(BaseModel):
 class SearchResponse(BaseModel):
     """Per query, the shard's best ids and scores (best first) and how much it searched."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     schema_version: Literal[1] = 1
     shard_id: int = Field(ge=0)

@@ -9,27 +9,28 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from proto.codec import check_schema_version, pack, unpack, validated
+from proto.codec import MAX_VERSION, STRICT, check_schema_version, pack, unpack, validated
 
 VECTOR_RECORD_SCHEMA_VERSION = 1
 _DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
 class VectorRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     schema_version: Literal[1] = 1
     op: Literal["upsert", "delete"]
     product_id: str = Field(min_length=1, max_length=128)
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_VERSION)
     model_id: str = Field(min_length=1)
     dim: int = Field(default=0, ge=0, le=65536)
     dtype: Literal["f16", "f32"] = "f32"
     vector: bytes = b""
     event_time_ms: int = Field(
-        default=0, ge=0, description="When the catalog event was published (0: unknown)"
+        default=0, ge=0, le=MAX_VERSION,
+        description="When the catalog event was published (0: unknown)",
     )
     attributes: dict[str, str] = Field(
         default_factory=dict, description="The event's attributes: what shards filter on"

@@ -1,4 +1,5 @@
-"""Decoding untrusted image bytes safely; the encoder and the router's search-by-image share it."""
+"""Decoding untrusted image bytes safely: the encoder, the router's search by image and the
+storefront's image route share it, so they accept the same picture formats."""
 
 from __future__ import annotations
 
@@ -9,7 +10,26 @@ from PIL import Image, UnidentifiedImageError
 
 from vitrine.errors import ImageRejected
 
-ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"})
+# PIL format -> the content type the storefront serves it as: one list for every role
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
+ACCEPTED_FORMATS = frozenset(CONTENT_TYPES)
+
+
+def image_content_type(data: bytes) -> str | None:
+    """The content type of bytes in an accepted format, read from the header only; else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return CONTENT_TYPES.get(image.format or "")
+    except Exception:  # not an image we know: the caller refuses it
+        return None
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -42,5 +62,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected("not an image (unrecognised format)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(f"decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(f"corrupt image: {exc}") from exc
+    except Exception as exc:  # a decoder bug on hostile bytes is still this image's fault
+        raise ImageRejected(f"image cannot be decoded: {exc!r}") from exc

@@ -35,6 +35,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
@@ -194,9 +195,13 @@ class DualEncoder:
         """Model-ready pixels (n, 3, H, W) on the CPU; pure, so worker threads may share it."""
         if not images:
             return torch.empty((0, 3, *self._input_hw))
+        return torch.stack([self.preprocess_image(image) for image in images])
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One picture's pixels (3, H, W), whatever its mode and aspect ratio."""
         # Convert first: open_clip converts after padding, and padding a palette image with
         # fill 255 paints palette entry 255, not the white the config asks for.
-        return torch.stack([self.preprocess(_as_rgb(image)) for image in images])
+        return self.preprocess(_within_aspect(_as_rgb(image), self.image_size))
 
     def encode_images(self, images: Sequence[Image.Image], batch: int = MAX_BATCH) -> np.ndarray:
         """L2-normalised float32 image vectors, one row per image.
@@ -211,12 +216,15 @@ class DualEncoder:
             assert upcoming is not None
             pixels = upcoming.result()
             upcoming = self._prepare(chunks[index + 1]) if index + 1 < len(chunks) else None
-            pixels = pixels.to(self.device, self._dtype, non_blocking=pixels.is_pinned())
-            if self._channels_last:
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                rows.append(_normalised(self.model.encode_image(pixels)))
+            rows.append(self._encode_pixels(pixels))
         return _stack(rows, self.dim)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, self._dtype, non_blocking=pixels.is_pinned())
+        if self._channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return _normalised(self.model.encode_image(pixels))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 text vectors, one row per text."""
@@ -233,7 +241,7 @@ class DualEncoder:
             done: Future[torch.Tensor] = Future()
             done.set_result(self._pinned(self.preprocess_images(images)))
             return done
-        parts = [self._pool.submit(self.preprocess, _as_rgb(image)) for image in images]
+        parts = [self._pool.submit(self.preprocess_image, image) for image in images]
         return self._pool.submit(self._gather, parts)
 
     def _gather(self, parts: list[Future[torch.Tensor]]) -> torch.Tensor:
@@ -270,6 +278,28 @@ class DualEncoder:
             [t for t, keep in zip(texts, has_text, strict=True) if keep and t]
         )
         return self.fuse(image_vectors, text_vectors, has_text, has_image)
+
+    def encode_prepared_products(
+        self, pixels: Sequence[torch.Tensor], texts: Sequence[str | None]
+    ) -> np.ndarray:
+        """Product vectors from pictures already made model-ready by `preprocess_image`, one
+        per text: the encoder service prepares each picture on its own, so a picture that
+        cannot be prepared fails alone instead of failing its batch."""
+        if len(pixels) != len(texts):
+            raise ValueError(f"{len(pixels)} pictures but {len(texts)} texts")
+        has_text = np.array([bool(text and text.strip()) for text in texts], dtype=bool)
+        if self.fusion is None:  # a plain dual encoder indexes the picture alone
+            has_text[:] = False
+        image_vectors = _stack(
+            [self._encode_pixels(self._pinned(torch.stack(list(pixels[start : start + MAX_BATCH]))))
+             for start in range(0, len(pixels), MAX_BATCH)],
+            self.dim,
+        )
+        text_vectors = np.zeros_like(image_vectors)
+        text_vectors[has_text] = self.encode_texts(
+            [t for t, keep in zip(texts, has_text, strict=True) if keep and t]
+        )
+        return self.fuse(image_vectors, text_vectors, has_text)
 
     def fuse(
         self, image_vectors: np.ndarray, text_vectors: np.ndarray, has_text: np.ndarray,
@@ -721,6 +751,18 @@ def _file_digest(path: Path) -> str:
 
 def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _within_aspect(image: Image.Image, longest: int) -> Image.Image:
+    """A picture so long and thin (a 1 x 1000 belt banner) that resizing its longest side to
+    the model input would leave the short side 0 px, which open_clip's resize refuses: shrink
+    it here with the short side kept at 1 px; the transform then pads it as usual."""
+    width, height = image.size
+    scale = longest / max(width, height)
+    if round(min(width, height) * scale) >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, PIL.Image.Resampling.BICUBIC)
 
 
 def _resolve_precision(precision: Precision, device: torch.device) -> Precision:

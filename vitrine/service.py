@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -38,11 +38,19 @@ REQUEST_ID_HEADER = "X-Request-Id"
 @dataclass
 class Readiness:
     """Ready: safe to receive traffic (a shard has caught up, models are loaded).
-    Alive: false once a background loop has died, so the orchestrator restarts the process."""
+    Alive: false once a background loop has died or a liveness check names a reason (a loop
+    stuck on one batch), so the orchestrator restarts the process."""
 
     ready: bool = False
     reason: str = "starting"
     alive: bool = True
+    liveness_checks: list[Callable[[], str | None]] = field(default_factory=list)
+
+    def failure(self) -> str | None:
+        """Why the process should be restarted, or None while it is healthy."""
+        if not self.alive:
+            return self.reason
+        return next((reason for check in self.liveness_checks if (reason := check())), None)
 
     def set_ready(self) -> None:
         self.ready, self.reason = True, "ready"
@@ -137,9 +145,9 @@ def _version() -> str:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    readiness = request.app[READINESS]
-    if not readiness.alive:
-        return web.json_response({"status": "failed", "reason": readiness.reason}, status=503)
+    failure = request.app[READINESS].failure()
+    if failure is not None:
+        return web.json_response({"status": "failed", "reason": failure}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -75,6 +75,16 @@ class Child:
     started_at: float = 0.0
     failures: int = 0  # consecutive early deaths, for the restart backoff
     restart_at: float | None = None
+    answered: bool = False  # /healthz has answered 200 since the last start
+    probe_failures: int = 0  # consecutive failed liveness probes
+    next_probe_at: float = 0.0
+
+    @property
+    def liveness_url(self) -> str | None:
+        """/healthz beside the /readyz that `health_url` names (HTTP services only)."""
+        if self.health_url is None:
+            return None
+        return self.health_url.removesuffix("/readyz") + "/healthz"
 
 
 @dataclass
@@ -144,9 +154,11 @@ class LocalStack:
     def replica_urls(self) -> list[list[str]]:
         return self.fleet.urls
 
-    def supervise(self, **backoff: float) -> None:
-        """Restart children that die, as Kubernetes would (see `Supervisor`)."""
-        self._supervisor = Supervisor(self, **backoff)
+    def supervise(self, **timings: Any) -> None:
+        """Restart children that die or stop answering /healthz, as Kubernetes would (see
+        `Supervisor`)."""
+        self._supervisor = Supervisor(self, **{"startup_s": self.settings.start_timeout_s,
+                                               **timings})
         self._supervisor.start()
 
     def start(self) -> None:
@@ -193,8 +205,10 @@ class LocalStack:
         self.fleet = self._plan_shards(s.num_shards, generation=1)
         port = free_port()
         self.encoder_url = f"http://127.0.0.1:{port}"
-        self._add("encoder", [*python, "services.encoder"],
-                  {**common, "VITRINE_ENCODER_PORT": str(port)}, f"{self.encoder_url}/readyz")
+        env = {"VITRINE_ENCODER_PORT": str(port),
+               "VITRINE_ENCODER_STATE_DIR": str(s.state_dir / "encoder")}  # its attempt ledger
+        self._add("encoder", [*python, "services.encoder"], {**common, **env},
+                  f"{self.encoder_url}/readyz")
         port = s.router_port or free_port()
         self.router_url = f"http://127.0.0.1:{port}"
         env = {"VITRINE_ROUTER_PORT": str(port), "VITRINE_SHARD_URLS": self.fleet.shard_list(),
@@ -265,6 +279,7 @@ class LocalStack:
                 preexec_fn=_die_with_parent,
             )
             child.wanted, child.started_at, child.restart_at = True, time.monotonic(), None
+            child.answered, child.probe_failures, child.next_probe_at = False, 0, 0.0
         log.info("started", service=name, pid=child.process.pid)
         if wait:
             self.wait_ready(name)
@@ -455,6 +470,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _answers_ok(url: str, timeout_s: float) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):  # refused, timed out, 5xx (HTTPError is an OSError)
+        return False
+
+
 def _check_alive(child: Child) -> None:
     if child.process is not None and child.process.poll() is not None:
         raise VitrineError(
@@ -475,12 +498,18 @@ def _wait_for_port(port: int, timeout_s: float, child: Child) -> None:
 
 
 class Supervisor:
-    """Restarts a child that died, with exponential backoff, and logs it.
+    """Restarts a child that died, with exponential backoff, and kills one that stopped
+    answering, as Kubernetes' liveness probe would; both are logged.
 
     A child stopped on purpose (`stop_child`) is left alone. The backoff resets once a child
-    has stayed up for `healthy_after_s`. A restarted shard recovers from its snapshot and the
-    log; a restarted embedded broker or Redis comes back empty (memory storage), which the
-    shards detect and rebuild from.
+    has stayed up for `healthy_after_s`. The liveness probe is `GET /healthz` every
+    `probe_period_s`: after `probe_failures` failures in a row (a 503, a timeout, a refused
+    connection) the child is killed with SIGKILL and then restarted like any child that died.
+    A starting child has `startup_s` to answer for the first time (Kubernetes' startupProbe).
+    A restarted shard recovers from its snapshot and the log; a restarted encoder skips, via
+    its attempt ledger, an event it keeps dying on; a restarted embedded broker or Redis comes
+    back empty (memory storage), which the shards detect and rebuild from.
+    Covered by tests/vitrine/test_supervisor.py and tests/e2e/test_chaos.py.
     """
 
     def __init__(
@@ -490,14 +519,21 @@ class Supervisor:
         max_delay_s: float = 30.0,
         healthy_after_s: float = 60.0,
         period_s: float = 0.5,
+        probe_period_s: float = 2.0,
+        probe_timeout_s: float = 2.0,
+        probe_failures: int = 3,
+        startup_s: float = 180.0,
     ) -> None:
         self._stack = stack
         self._base, self._max, self._healthy = base_delay_s, max_delay_s, healthy_after_s
         self._period = period_s
+        self._probe_period, self._probe_timeout = probe_period_s, probe_timeout_s
+        self._probe_failures, self._startup = int(probe_failures), startup_s
         self._stopping = threading.Event()
         # children it restarts get PDEATHSIG bound to this thread, which lives until stop()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self.restarts: dict[str, int] = {}
+        self.liveness_kills: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -512,7 +548,39 @@ class Supervisor:
             with self._stack.lock:
                 names = list(self._stack.children)
             for name in names:
+                self.probe(name, time.monotonic())
                 self.check(name, time.monotonic())
+
+    def probe(self, name: str, now: float) -> None:
+        """One liveness probe of a running child, if one is due; kills it when it fails."""
+        with self._stack.lock:
+            child = self._stack.children.get(name)
+            if child is None or not child.wanted or child.liveness_url is None:
+                return
+            process = child.process
+            if process is None or process.poll() is not None or now < child.next_probe_at:
+                return
+            child.next_probe_at = now + self._probe_period
+            url = child.liveness_url
+        alive = _answers_ok(url, self._probe_timeout)  # outside the lock: it may take seconds
+        with self._stack.lock:
+            if child.process is not process or not child.wanted:
+                return  # restarted or stopped meanwhile
+            if alive:
+                child.answered, child.probe_failures = True, 0
+                return
+            if child.answered:
+                child.probe_failures += 1
+                if child.probe_failures < self._probe_failures:
+                    return
+                reason = f"/healthz failed {child.probe_failures} times in a row"
+            elif now - child.started_at < self._startup:
+                return  # still starting: loading a model, replaying a log
+            else:
+                reason = f"/healthz never answered in {self._startup:g}s"
+            log.warning("child unhealthy, killing it", service=name, reason=reason)
+            process.kill()
+            self.liveness_kills[name] = self.liveness_kills.get(name, 0) + 1
 
     def check(self, name: str, now: float) -> None:
         stack = self._stack

@@ -11,8 +11,9 @@ import structlog
 from aiohttp import web
 from confluent_kafka import Consumer, Producer
 
+from services.encoder.attempts import AttemptLedger
 from services.encoder.metrics import EncoderMetrics
-from services.encoder.pipeline import EventTransform
+from services.encoder.pipeline import EventTransform, TransformLimits
 from services.encoder.settings import EncoderSettings
 from services.encoder.worker import EncoderWorker
 from vitrine.fetch import ImageFetcher, make_session
@@ -81,19 +82,28 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     consumer = AsyncConsumer(
         Consumer(consumer_config(settings.kafka_bootstrap, settings.group_id))
     )
-    producer = Producer(producer_config(settings.kafka_bootstrap))
-    transform = EventTransform(
-        fetch=app[FETCHER].fetch,
-        encode_products=model.encode_products,
-        model_id=model.model_id,
+    limit = {"message.max.bytes": settings.max_message_bytes}
+    producer = Producer(producer_config(settings.kafka_bootstrap, **limit))
+    limits = TransformLimits(
         max_pixels=settings.max_image_pixels,
         fetch_concurrency=settings.fetch_concurrency,
+        max_record_bytes=settings.max_message_bytes,
+        max_original_bytes=settings.dead_letter_max_bytes,
         vector_dtype=settings.vector_dtype,
     )
+    transform = EventTransform(
+        fetch=app[FETCHER].fetch,
+        preprocess=model.preprocess_image,
+        encode_products=model.encode_prepared_products,
+        model_id=model.model_id,
+        limits=limits,
+    )
     worker = EncoderWorker(
-        settings, consumer, producer, transform, app[METADATA], EncoderMetrics(app[REGISTRY])
+        settings, consumer, producer, transform, app[METADATA], EncoderMetrics(app[REGISTRY]),
+        AttemptLedger(settings.attempts_file()),
     )
     app[WORKER] = worker
+    app[READINESS].liveness_checks.append(worker.stalled)
     async with background(app, worker.run(), "encoder-loop"):
         app[READINESS].set_ready()
         yield

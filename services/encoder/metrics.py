@@ -17,6 +17,16 @@ class EncoderMetrics:
             "vitrine_encoder_delivery_failures_total", "Batches rewound after a failed produce",
             registry=registry,
         )
+        self.quarantined = Counter(
+            "vitrine_encoder_quarantined_total",
+            "Events dead-lettered after failing or crashing the encoder on every try",
+            registry=registry,
+        )
+        self.isolation_retries = Counter(
+            "vitrine_encoder_isolation_retries_total",
+            "Batches retried event by event after a failure no single stage caught",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "vitrine_encoder_batch_size_events", "Events per consumed batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry,

@@ -1,26 +1,38 @@
-"""The encoder's transform, kept apart from the Kafka loop: raw events in, outputs out.
+"""The encoder's transform, kept apart from the Kafka loop: raw events in, outcomes out.
 
-Every input message yields exactly one outcome, either records to publish or a dead letter,
-so the loop can commit the whole batch once all outcomes are acknowledged.
+Every event yields exactly one outcome, a serialised vector record to publish or a bounded
+dead letter that names the stage that failed, so the loop can commit the whole batch once all
+outcomes are acknowledged. A failure stays with its event: each per-event stage (decode,
+fetch, image, preprocess, serialise) turns any exception into that event's dead letter, and
+the one batch step, the model pass, is retried event by event when it fails, to find the
+culprit. Covered by tests/encoder/test_pipeline.py and tests/e2e/test_hostile_events.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import structlog
+import torch
 from PIL import Image
 
 from proto.catalog import CatalogEvent
-from proto.dlq import DeadLetter
+from proto.dlq import MAX_ORIGINAL_BYTES, DeadLetter, Stage
 from proto.vectors import VectorRecord
-from vitrine.errors import ImageRejected, InvalidMessage
+from vitrine.errors import InvalidMessage, VitrineError
 from vitrine.images import decode_image
 from vitrine.metadata import ProductMetadata
 from vitrine.model import product_text
+
+log = structlog.get_logger()
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+EncodeProducts = Callable[[list[torch.Tensor], list[str]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -35,18 +47,65 @@ class RawEvent:
     timestamp_ms: int = 0  # the broker's record timestamp: when the catalog published it
 
 
+@dataclass(frozen=True)
+class Publication:
+    """A vector record ready for `catalog.vectors`, with what the router shows for it."""
+
+    raw: RawEvent
+    product_id: str
+    record: bytes
+    metadata: ProductMetadata | None = None  # an upsert's title, image and attributes
+    deleted_version: int | None = None  # a delete's version, for the metadata tombstone
+
+
 @dataclass
 class BatchOutput:
-    vectors: list[VectorRecord] = field(default_factory=list)
-    metadata: list[ProductMetadata] = field(default_factory=list)
-    deletes: list[tuple[str, int]] = field(default_factory=list)
+    published: list[Publication] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    max_original_bytes: int = MAX_ORIGINAL_BYTES
+
+    def refuse(self, raw: RawEvent, stage: Stage, reason: str, attempts: int = 1) -> None:
+        self.dead_letters.append(dead_letter(raw, stage, reason, attempts, self.max_original_bytes))
 
 
-def dead_letter(raw: RawEvent, stage: str, reason: str) -> DeadLetter:
-    return DeadLetter(
-        reason=reason, stage=stage, original=raw.value, key=raw.key,  # type: ignore[arg-type]
+class StageFailed(Exception):
+    """One event's failure at one stage; carries the reason its dead letter gives."""
+
+    def __init__(self, stage: Stage, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def stage(name: Stage) -> Iterator[None]:
+    """Whatever goes wrong inside fails this event at this stage, and nothing else."""
+    try:
+        yield
+    except StageFailed:
+        raise
+    except Exception as exc:
+        raise StageFailed(name, reason_of(exc)) from exc
+
+
+def reason_of(exc: BaseException) -> str:
+    """Our own errors say why in words; anything else is named by its type too."""
+    if isinstance(exc, VitrineError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def dead_letter(
+    raw: RawEvent,
+    stage: Stage,
+    reason: str,
+    attempts: int = 1,
+    max_original_bytes: int = MAX_ORIGINAL_BYTES,
+) -> DeadLetter:
+    return DeadLetter.bounded(
+        original=raw.value, key=raw.key, stage=stage, reason=reason,
         source_topic=raw.topic, source_partition=raw.partition, source_offset=raw.offset,
+        attempts=attempts, max_original_bytes=max_original_bytes,
     )
 
 
@@ -54,88 +113,143 @@ def parse_event(raw: RawEvent) -> CatalogEvent:
     event = CatalogEvent.from_wire(raw.value)
     if raw.key is not None and raw.key != event.product_id.encode():
         raise InvalidMessage(
-            f"message key {raw.key!r} differs from product_id {event.product_id!r} "
+            f"message key {raw.key[:200]!r} differs from product_id {event.product_id!r} "
             "(events must be keyed by product_id to keep per-product order)"
         )
     return event
 
 
+@dataclass(frozen=True)
+class TransformLimits:
+    max_pixels: int
+    fetch_concurrency: int
+    max_record_bytes: int  # the producer's message.max.bytes: larger records are refused here
+    max_original_bytes: int = MAX_ORIGINAL_BYTES
+    vector_dtype: Literal["f16", "f32"] = "f16"
+
+
+@dataclass(frozen=True)
+class _Upsert:
+    raw: RawEvent
+    event: CatalogEvent
+    pixels: torch.Tensor
+
+
 class EventTransform:
-    """Turns a batch of raw events into vector records, metadata and dead letters."""
+    """Turns a batch of raw events into publications and dead letters."""
 
     def __init__(
         self,
         fetch: Callable[[str], Awaitable[bytes]],
-        encode_products: Callable[[list[Image.Image], list[str]], np.ndarray],
+        preprocess: Preprocess,
+        encode_products: EncodeProducts,
         model_id: str,
-        max_pixels: int,
-        fetch_concurrency: int,
-        vector_dtype: Literal["f16", "f32"] = "f16",
+        limits: TransformLimits,
     ) -> None:
         self._fetch = fetch
-        self._encode_products = encode_products  # the image plus the event's text, fused
+        self._preprocess = preprocess  # one picture -> model-ready pixels
+        self._encode_products = encode_products  # pixels plus the event's text, fused
         self._model_id = model_id
-        self._max_pixels = max_pixels
-        self._gate = asyncio.Semaphore(fetch_concurrency)
-        self._dtype = vector_dtype
+        self._limits = limits
+        self._gate = asyncio.Semaphore(limits.fetch_concurrency)
 
-    async def run(self, batch: Sequence[RawEvent]) -> BatchOutput:
-        out = BatchOutput()
+    async def run(self, batch: Sequence[RawEvent], attempts: int = 1) -> BatchOutput:
+        out = BatchOutput(max_original_bytes=self._limits.max_original_bytes)
         upserts: list[tuple[RawEvent, CatalogEvent]] = []
         for raw in batch:
             try:
-                event = parse_event(raw)
-            except InvalidMessage as exc:
-                out.dead_letters.append(dead_letter(raw, "decode", str(exc)))
-                continue
-            if event.op == "delete":
-                out.deletes.append((event.product_id, event.version))
-                out.vectors.append(
-                    VectorRecord.tombstone(
-                        event.product_id, event.version, self._model_id, raw.timestamp_ms
-                    )
-                )
+                with stage("decode"):
+                    event = parse_event(raw)
+                if event.op == "delete":
+                    out.published.append(self._tombstone(raw, event))
+                else:
+                    upserts.append((raw, event))
+            except StageFailed as failed:
+                out.refuse(raw, failed.stage, failed.reason, attempts)
+        loaded = await asyncio.gather(*(self._load(raw, event) for raw, event in upserts))
+        ready = []
+        for (raw, _), item in zip(upserts, loaded, strict=True):
+            if isinstance(item, StageFailed):
+                out.refuse(raw, item.stage, item.reason, attempts)
             else:
-                upserts.append((raw, event))
-        images = await asyncio.gather(*(self._load(raw, ev, out) for raw, ev in upserts))
-        ready = [(raw, ev, img) for (raw, ev), img in zip(upserts, images, strict=True) if img]
-        if ready:
-            texts = [product_text(event.title, event.attributes) for _, event, _ in ready]
-            vectors = await asyncio.to_thread(
-                self._encode_products, [img for *_, img in ready], texts
-            )
-            for (raw, event, _), vector in zip(ready, vectors, strict=True):
-                out.metadata.append(_metadata_of(event))
-                out.vectors.append(
-                    VectorRecord.upsert(
-                        event.product_id, event.version, self._model_id, vector, self._dtype,
-                        event_time_ms=raw.timestamp_ms, attributes=event.attributes,
-                    )
-                )
+                ready.append(item)
+        for item, vector in zip(ready, await self._encode(ready), strict=True):
+            try:
+                if isinstance(vector, StageFailed):
+                    raise vector
+                out.published.append(self._upsert(item, vector))
+            except StageFailed as failed:
+                out.refuse(item.raw, failed.stage, failed.reason, attempts)
         return out
 
-    async def _load(
-        self, raw: RawEvent, event: CatalogEvent, out: BatchOutput
-    ) -> Image.Image | None:
+    async def _load(self, raw: RawEvent, event: CatalogEvent) -> _Upsert | StageFailed:
+        """Fetch, decode and prepare one picture; a failure is this event's alone."""
         assert event.image_uri is not None  # upserts are validated to carry one
-        async with self._gate:
-            try:
-                data = await self._fetch(event.image_uri)
-            except ImageRejected as exc:
-                out.dead_letters.append(dead_letter(raw, "fetch", str(exc)))
-                return None
         try:
-            return await asyncio.to_thread(decode_image, data, self._max_pixels)
-        except ImageRejected as exc:
-            out.dead_letters.append(dead_letter(raw, "image", str(exc)))
-            return None
+            with stage("fetch"):
+                async with self._gate:
+                    data = await self._fetch(event.image_uri)
+            with stage("image"):
+                image = await asyncio.to_thread(decode_image, data, self._limits.max_pixels)
+            with stage("preprocess"):
+                pixels = await asyncio.to_thread(self._preprocess, image)
+        except StageFailed as failed:
+            return failed
+        return _Upsert(raw, event, pixels)
 
+    async def _encode(self, ready: list[_Upsert]) -> list[np.ndarray | StageFailed]:
+        """One model pass for the batch; if it fails, one pass per event finds the culprit."""
+        if not ready:
+            return []
+        texts = [product_text(item.event.title, item.event.attributes) for item in ready]
+        try:
+            with stage("encode"):
+                vectors = await asyncio.to_thread(
+                    self._encode_products, [item.pixels for item in ready], texts
+                )
+                if vectors.shape[0] != len(ready):
+                    raise ValueError(f"the model gave {vectors.shape[0]} vectors for {len(ready)}")
+        except StageFailed as failed:
+            if len(ready) == 1:
+                return [failed]
+            log.warning("model pass failed, retrying event by event", error=failed.reason,
+                        events=len(ready))
+            return [(await self._encode([item]))[0] for item in ready]
+        return [
+            row if np.isfinite(row).all()
+            else StageFailed("encode", "the model produced a non-finite vector")
+            for row in vectors
+        ]
 
-def _metadata_of(event: CatalogEvent) -> ProductMetadata:
-    return ProductMetadata(
-        product_id=event.product_id,
-        version=event.version,
-        title=event.title,
-        image_uri=event.image_uri or "",
-        attributes=dict(event.attributes),
-    )
+    def _upsert(self, item: _Upsert, vector: np.ndarray) -> Publication:
+        event = item.event
+        with stage("serialise"):
+            record = VectorRecord.upsert(
+                event.product_id, event.version, self._model_id, vector,
+                self._limits.vector_dtype, event_time_ms=item.raw.timestamp_ms,
+                attributes=event.attributes,
+            )
+            metadata = ProductMetadata(
+                product_id=event.product_id, version=event.version, title=event.title,
+                image_uri=event.image_uri or "", attributes=dict(event.attributes),
+            )
+            return Publication(item.raw, event.product_id, self._fits(record), metadata=metadata)
+
+    def _tombstone(self, raw: RawEvent, event: CatalogEvent) -> Publication:
+        with stage("serialise"):
+            record = VectorRecord.tombstone(
+                event.product_id, event.version, self._model_id, raw.timestamp_ms
+            )
+            return Publication(
+                raw, event.product_id, self._fits(record), deleted_version=event.version
+            )
+
+    def _fits(self, record: VectorRecord) -> bytes:
+        wire = record.to_wire()
+        if len(wire) > self._limits.max_record_bytes:
+            raise StageFailed(
+                "serialise",
+                f"vector record is {len(wire)} bytes, over the producer's limit of "
+                f"{self._limits.max_record_bytes}",
+            )
+        return wire

@@ -1,31 +1,68 @@
 """The encoder's Kafka loop: consume a batch, transform, publish, and only then commit.
 
-At-least-once: metadata goes to Redis and records to Kafka first; offsets are committed only
-after every produced record (vectors and dead letters) is acknowledged. If a delivery fails
-the batch is rewound and processed again; idempotent apply downstream absorbs the repeat.
+At-least-once: vector records go to Kafka and metadata to Redis first; offsets are committed
+only after every produced record (vectors and dead letters) is acknowledged. Two kinds of
+failure are told apart:
+
+- the world's (the broker or Redis unreachable, a commit refused): nothing is committed, the
+  batch is rewound and tried again after a backoff; idempotent apply downstream absorbs the
+  repeat, and no event is blamed;
+- an event's: the transform dead-letters it with its stage and the rest of the batch goes on.
+  Whatever escapes that (a bug, a record the broker refuses for good) is found by going event
+  by event, and the culprit is quarantined. A process that dies on an event is caught by the
+  `AttemptLedger`: after `max_attempts` tries the event is quarantined, never tried again.
+
+A batch that runs longer than `stall_timeout_s` fails /healthz, so a hang the timeouts did not
+foresee ends in a restart, and the ledger then counts it as a try.
+Covered by tests/encoder/test_worker.py and tests/e2e/test_hostile_events.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from redis.exceptions import RedisError
 
+from proto.dlq import DeadLetter
+from services.encoder.attempts import AttemptLedger, position
 from services.encoder.metrics import EncoderMetrics
-from services.encoder.pipeline import BatchOutput, EventTransform, RawEvent
+from services.encoder.pipeline import BatchOutput, EventTransform, Publication, RawEvent
 from services.encoder.settings import EncoderSettings
 from vitrine.kafka import AsyncConsumer, LagTracker, partition_for
 from vitrine.metadata import MetadataStore
 
 log = structlog.get_logger()
 
+# the broker refuses this message, and would refuse it again: it is the message's fault
+_REFUSED_FOR_GOOD = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_MSG,
+    KafkaError.INVALID_RECORD,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError._INVALID_ARG,
+}
+
 
 class DeliveryFailed(Exception):
-    pass
+    """The broker did not acknowledge everything: the batch is tried again, nobody blamed."""
+
+
+INFRASTRUCTURE = (DeliveryFailed, RedisError, KafkaException)
+DeliveryReport = Callable[[KafkaError | None, Message], None]
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes
+    partition: int = -1  # librdkafka's "unassigned": the producer's partitioner picks
 
 
 class EncoderWorker:
@@ -37,6 +74,7 @@ class EncoderWorker:
         transform: EventTransform,
         metadata: MetadataStore,
         metrics: EncoderMetrics,
+        ledger: AttemptLedger,
     ) -> None:
         self._s = settings
         self._consumer = consumer
@@ -44,8 +82,20 @@ class EncoderWorker:
         self._transform = transform
         self._metadata = metadata
         self._metrics = metrics
+        self._ledger = ledger
+        self._busy_since: float | None = None
+        self._backoff_s = 0.0
         self.totals: Counter[str] = Counter()  # outcome -> events, for /stats
         self.lag = LagTracker(consumer, metrics.lag)
+
+    def stalled(self) -> str | None:
+        """The liveness check: a batch that never ends is a hang, and a restart the cure."""
+        if self._busy_since is None:
+            return None
+        busy = time.monotonic() - self._busy_since
+        if busy <= self._s.stall_timeout_s:
+            return None
+        return f"one batch has run for {busy:.0f}s (stall timeout {self._s.stall_timeout_s:g}s)"
 
     async def run(self) -> None:
         kafka = self._consumer.consumer
@@ -56,54 +106,168 @@ class EncoderWorker:
             )
             await self.lag.maybe_refresh()
             batch = [_raw(m) for m in messages if not _is_error(m)]
-            if not batch:
-                continue
-            try:
-                await self._process(batch)
-            except (DeliveryFailed, RedisError) as exc:
-                # nothing was committed: rewind and try again; downstream apply is idempotent
-                log.warning("batch not delivered, rewinding", error=str(exc))
-                self._metrics.delivery_failures.inc()
-                await self._consumer.call(self._rewind, batch)
-                await asyncio.sleep(1.0)
+            if batch:
+                await self.handle(batch)
 
-    async def _process(self, batch: Sequence[RawEvent]) -> None:
+    async def handle(self, batch: Sequence[RawEvent]) -> None:
+        self._busy_since = time.monotonic()
+        try:
+            if self._ledger.inherited(batch):
+                log.warning("a previous process died on this batch: going event by event",
+                            events=len(batch))
+                await self._one_by_one(batch)
+            else:
+                await self._as_a_batch(batch)
+        finally:
+            self._busy_since = None
+
+    async def _as_a_batch(self, batch: Sequence[RawEvent]) -> None:
+        self._ledger.begin(batch)
+        try:
+            await self._process(batch)
+        except INFRASTRUCTURE as exc:
+            await self._retry_later(batch, exc)
+            return
+        except Exception as exc:  # escaped the transform's isolation: find the culprit
+            log.error("batch failed, retrying event by event", error=repr(exc), events=len(batch))
+            self._metrics.isolation_retries.inc()
+            await self._one_by_one(batch)
+            return
+        self._ledger.settle(batch)
+        self._backoff_s = 0.0
+
+    async def _one_by_one(self, batch: Sequence[RawEvent]) -> None:
+        for index, raw in enumerate(batch):
+            tries = self._ledger.begin([raw])[position(raw)]
+            try:
+                if tries > self._s.max_attempts:
+                    await self._quarantine(raw, tries - 1, "the encoder died on it each time")
+                else:
+                    await self._process([raw], tries)
+            except INFRASTRUCTURE as exc:
+                await self._retry_later(batch[index:], exc)
+                return
+            except Exception as exc:  # fails alone, every time: it is this event's fault
+                try:
+                    await self._quarantine(raw, tries, f"processing raised {exc!r}")
+                except INFRASTRUCTURE as infra:
+                    await self._retry_later(batch[index:], infra)
+                    return
+            self._ledger.settle([raw])
+        self._backoff_s = 0.0
+
+    async def _quarantine(self, raw: RawEvent, tries: int, why: str) -> None:
+        out = BatchOutput(max_original_bytes=self._s.dead_letter_max_bytes)
+        out.refuse(raw, "quarantine", f"tried {tries} times: {why}", attempts=tries)
+        log.error("event quarantined", partition=raw.partition, offset=raw.offset, tries=tries,
+                  reason=why)
+        self._metrics.quarantined.inc()
+        await self._publish(out)
+        await self._consumer.call(self._commit, [raw])
+        self._record([raw], out)
+
+    async def _retry_later(self, batch: Sequence[RawEvent], exc: BaseException) -> None:
+        """Not the events' fault: forget their tries, rewind, and wait before the next go."""
+        self._ledger.settle(batch)
+        self._backoff_s = min(30.0, max(0.5, self._backoff_s * 2))
+        log.warning("batch not delivered, rewinding", error=str(exc), retry_in_s=self._backoff_s)
+        self._metrics.delivery_failures.inc()
+        try:
+            await self._consumer.call(self._rewind, batch)
+        except KafkaException as rewind_error:  # e.g. the partition moved in a rebalance
+            log.warning("rewind failed", error=str(rewind_error))
+        await asyncio.sleep(self._backoff_s)
+
+    async def _process(self, batch: Sequence[RawEvent], attempts: int = 1) -> None:
         with self._metrics.batch_seconds.time():
-            out = await self._transform.run(batch)
-            await self._write_metadata(out)
+            out = await self._transform.run(batch, attempts)
             await self._publish(out)
             await self._consumer.call(self._commit, batch)
         self._record(batch, out)
 
-    async def _write_metadata(self, out: BatchOutput) -> None:
-        """Before the vectors: a hit must never come back without its title."""
-        await asyncio.gather(
-            *(self._metadata.upsert(m) for m in out.metadata),
-            *(self._metadata.delete(pid, version) for pid, version in out.deletes),
+    async def _publish(self, out: BatchOutput) -> None:
+        """Vectors, then metadata for the ones the broker took, then dead letters. A vector
+        record refused for good (too large, invalid) is dead-lettered in its place, so nothing
+        is written to Redis for it."""
+        refused = await self._produce([self._vector_message(p) for p in out.published])
+        for index, error in refused.items():
+            publication = out.published[index]
+            out.refuse(publication.raw, "produce", f"the broker refused the vector record: {error}")
+        delivered = [p for i, p in enumerate(out.published) if i not in refused]
+        out.published = delivered
+        await self._write_metadata(delivered)
+        letters = [self._letter_message(letter) for letter in out.dead_letters]
+        refused = await self._produce(letters)
+        if refused:  # even a bounded letter was too large for this broker: send the bare facts
+            bare = [self._letter_message(out.dead_letters[i], bare=True) for i in refused]
+            still = await self._produce(bare)
+            if still:
+                raise DeliveryFailed(f"dead letters refused: {list(still.values())[:3]}")
+
+    def _vector_message(self, publication: Publication) -> _Outgoing:
+        return _Outgoing(
+            self._s.vectors_topic, publication.product_id.encode(), publication.record,
+            partition_for(publication.product_id, self._s.vector_partitions),
         )
 
-    async def _publish(self, out: BatchOutput) -> None:
-        errors: list[str] = []
+    def _letter_message(self, letter: DeadLetter, bare: bool = False) -> _Outgoing:
+        if bare:
+            letter = letter.model_copy(update={"original": b"", "truncated": True})
+        return _Outgoing(self._s.dlq_topic, letter.key, letter.to_wire())
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(str(err))
+    async def _produce(self, messages: list[_Outgoing]) -> dict[int, str]:
+        """Produce and wait for every acknowledgement. Returns the messages the broker refused
+        for good (index -> why); any other failure raises `DeliveryFailed`."""
+        refused: dict[int, str] = {}
+        transient: list[str] = []
 
-        for record in out.vectors:
-            self._producer.produce(
-                self._s.vectors_topic,
-                key=record.product_id.encode(),
-                value=record.to_wire(),
-                partition=partition_for(record.product_id, self._s.vector_partitions),
-                on_delivery=on_delivery,
-            )
-        for letter in out.dead_letters:
-            self._producer.produce(
-                self._s.dlq_topic, key=letter.key, value=letter.to_wire(), on_delivery=on_delivery
-            )
+        def on_delivery(index: int) -> DeliveryReport:
+            def report(err: KafkaError | None, _msg: Message) -> None:
+                if err is None:
+                    return
+                if err.code() in _REFUSED_FOR_GOOD:
+                    refused[index] = err.str()
+                else:
+                    transient.append(err.str())
+
+            return report
+
+        for index, message in enumerate(messages):
+            refusal = await self._produce_one(message, on_delivery(index))
+            if refusal is not None:
+                refused[index] = refusal
         remaining = await asyncio.to_thread(self._producer.flush, 30.0)
-        if remaining or errors:
-            raise DeliveryFailed(f"{remaining} undelivered, errors: {errors[:3]}")
+        if remaining or transient:
+            raise DeliveryFailed(f"{remaining} undelivered, errors: {transient[:3]}")
+        return refused
+
+    async def _produce_one(self, message: _Outgoing, report: DeliveryReport) -> str | None:
+        """Hand one message to the producer; the broker's refusal if it is known already."""
+        for _ in range(100):
+            try:
+                self._producer.produce(
+                    message.topic, key=message.key, value=message.value,
+                    partition=message.partition, on_delivery=report,
+                )
+                return None
+            except BufferError:  # the local queue is full: let deliveries drain, then retry
+                await asyncio.to_thread(self._producer.poll, 0.5)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if isinstance(error, KafkaError) and error.code() in _REFUSED_FOR_GOOD:
+                    return str(error.str())
+                raise
+        raise DeliveryFailed("the producer queue stayed full")
+
+    async def _write_metadata(self, published: list[Publication]) -> None:
+        await asyncio.gather(
+            *(self._metadata.upsert(p.metadata) for p in published if p.metadata),
+            *(
+                self._metadata.delete(p.product_id, p.deleted_version)
+                for p in published
+                if p.deleted_version is not None
+            ),
+        )
 
     def _commit(self, batch: Sequence[RawEvent]) -> None:
         self._consumer.consumer.commit(offsets=_next_offsets(batch), asynchronous=False)
@@ -119,8 +283,8 @@ class EncoderWorker:
     def _record(self, batch: Sequence[RawEvent], out: BatchOutput) -> None:
         self._metrics.batch_size.observe(len(batch))
         outcomes = {
-            "indexed": len(out.metadata),
-            "deleted": len(out.deletes),
+            "indexed": sum(p.metadata is not None for p in out.published),
+            "deleted": sum(p.deleted_version is not None for p in out.published),
             "dead_lettered": len(out.dead_letters),
         }
         for outcome, count in outcomes.items():
@@ -129,7 +293,7 @@ class EncoderWorker:
         for letter in out.dead_letters:
             self._metrics.dead_letters.labels(letter.stage).inc()
             log.warning(
-                "dead-lettered event", stage=letter.stage, reason=letter.reason,
+                "dead-lettered event", stage=letter.stage, reason=letter.reason[:500],
                 partition=letter.source_partition, offset=letter.source_offset,
             )
 

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 from proto.catalog import MAX_PRODUCT_ID_LEN, CatalogEvent
 from vitrine.errors import ImageRejected, ImageUnavailable, InvalidQuery, ProductNotFound
 from vitrine.fetch import ImageFetcher
+from vitrine.images import ACCEPTED_FORMATS, image_content_type
 from vitrine.metadata import MetadataStore
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -32,15 +33,6 @@ PAGE_HEADERS = {
 # the catalog's own rule for product ids, not a copy of it
 _PRODUCT_ID = TypeAdapter(Annotated[str, CatalogEvent.model_fields["product_id"]])
 
-# magic bytes -> content type; anything else is not served, whatever its extension says
-_SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-)
-
-
 log = structlog.get_logger()
 
 
@@ -48,13 +40,6 @@ log = structlog.get_logger()
 class ProductImage:
     data: bytes
     content_type: str
-
-
-def image_content_type(data: bytes) -> str | None:
-    """The content type of JPEG, PNG, WEBP or GIF bytes from their signature, else None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
 
 
 def parse_product_id(raw: str) -> str:
@@ -87,7 +72,8 @@ class ProductImages:
         content_type = image_content_type(data)
         if content_type is None:
             raise ImageUnavailable(
-                f"image of product {product_id!r} is not a JPEG, PNG, WEBP or GIF image"
+                f"image of product {product_id!r} is not in a format the encoder accepts "
+                f"({', '.join(sorted(ACCEPTED_FORMATS))})"
             )
         return ProductImage(data, content_type)
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import hashlib
+import json
+
 import msgpack
 import numpy as np
 import pytest
@@ -110,10 +113,112 @@ def test_search_messages_reject_inconsistent_shapes() -> None:
         )
 
 
-def test_dead_letter_keeps_the_original_bytes() -> None:
-    letter = DeadLetter(
-        reason="not valid msgpack", stage="decode", original=b"\xc1garbage", key=b"k",
+def dead_letter(original: bytes, key: bytes | None = b"k", reason: str = "bad") -> DeadLetter:
+    return DeadLetter.bounded(
+        original=original, key=key, stage="decode", reason=reason,
         source_topic="catalog.events", source_partition=2, source_offset=17,
     )
+
+
+def test_dead_letter_keeps_the_original_bytes() -> None:
+    letter = dead_letter(b"\xc1garbage", reason="not valid msgpack")
     back = DeadLetter.from_wire(letter.to_wire())
     assert back.original == b"\xc1garbage" and back.reason == "not valid msgpack"
+    assert back.original_length == 8 and not back.truncated
+    assert back.original_sha256 == hashlib.sha256(b"\xc1garbage").hexdigest()
+
+
+def test_a_dead_letter_of_anything_fits_one_kafka_message() -> None:
+    huge = b"\x81" + b"x" * (5 * 1024**2)
+    letter = dead_letter(huge, key=b"k" * 100_000, reason="r" * 1_000_000)
+    wire = letter.to_wire()
+    assert len(wire) < 64 * 1024  # the broker's default limit is 1 MB
+    back = DeadLetter.from_wire(wire)
+    assert back.truncated and back.original == huge[: len(back.original)]
+    assert back.original_length == len(huge)
+    assert back.original_sha256 == hashlib.sha256(huge).hexdigest()
+    assert back.key_truncated and back.key == b"k" * len(back.key or b"")
+    assert back.reason.endswith("(truncated)") and len(back.reason) <= 2000
+
+
+def test_version_1_dead_letters_still_read() -> None:
+    written_by_v1 = msgpack.packb({
+        "schema_version": 1, "reason": "not valid msgpack", "stage": "decode",
+        "original": b"\xc1", "key": None, "source_topic": "catalog.events",
+        "source_partition": 0, "source_offset": 3, "failed_at_ms": 1,
+    })
+    back = DeadLetter.from_wire(written_by_v1)
+    assert back.schema_version == 1 and back.original == b"\xc1"
+    assert back.original_length == 1 and not back.truncated
+
+
+# strict contracts: nothing is coerced
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("version", True), ("version", "7"), ("version", 3.0), ("version", 2**63),
+        ("title", b"Red Boots"), ("product_id", 5), ("attributes", {"colour": 3}),
+        ("attributes", {f"a{i}": "x" for i in range(65)}), ("attributes", {"": "x"}),
+        ("attributes", {"colour": "x" * 513}),
+    ],
+)
+def test_catalog_events_are_not_coerced(field: str, value: object) -> None:
+    payload = {**upsert().model_dump(), field: value}
+    with pytest.raises(InvalidMessage, match=field):
+        CatalogEvent.from_wire(msgpack.packb(payload, use_bin_type=True))
+
+
+@pytest.mark.parametrize("version", [1.0, True])
+def test_a_schema_version_is_an_integer(version: object) -> None:
+    payload = {**upsert().model_dump(), "schema_version": version}
+    with pytest.raises(InvalidMessage, match="unknown schema version"):
+        CatalogEvent.from_wire(msgpack.packb(payload))
+
+
+def test_the_largest_version_fits_64_bits_and_round_trips() -> None:
+    event = upsert(version=2**63 - 1)
+    assert CatalogEvent.from_wire(event.to_wire()).version == 2**63 - 1
+    vector = VectorRecord.upsert("a", 2**63 - 1, "m", np.ones(4))
+    assert VectorRecord.from_wire(vector.to_wire()).version == 2**63 - 1
+
+
+def test_a_validation_reason_stays_short_whatever_the_event() -> None:
+    payload = {**upsert().model_dump(), **{f"unknown_{i}": "x" * 50 for i in range(30_000)}}
+    with pytest.raises(InvalidMessage, match="and 29995 more problems") as caught:
+        CatalogEvent.from_wire(msgpack.packb(payload))
+    assert len(str(caught.value)) <= 2000
+
+
+# JSON events, for stock clients
+
+
+def test_a_json_event_is_read_like_a_msgpack_one() -> None:
+    event = upsert()
+    assert CatalogEvent.from_wire(event.model_dump_json().encode()) == event
+    assert CatalogEvent.from_wire(b"\xef\xbb\xbf \n" + event.model_dump_json().encode()) == event
+
+
+def test_a_kafka_connect_envelope_is_unwrapped() -> None:
+    event = upsert()
+    envelope = {"schema": {"type": "struct", "optional": False}, "payload": event.model_dump()}
+    assert CatalogEvent.from_wire(json.dumps(envelope).encode()) == event
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"schema_version": 1, "op": "delete", "product_id": "a", "version": NaN}', "NaN"),
+        (b'{"schema_version": 1, "schema_version": 1}', "repeats a key"),
+        (b'{"schema_version": 1, "op": "delete", "product_id": "a", "version": 3.0}', "version"),
+        (b'{"schema_version": 1.0, "op": "delete", "product_id": "a", "version": 3}',
+         "unknown schema version"),
+        (b"{" * 100_000, "not valid JSON"),
+        (b'{"title": "\xff"}', "not valid JSON"),
+        (b'{"a": 1} trailing', "not valid JSON"),
+    ],
+)
+def test_bad_json_events_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidMessage, match=reason):
+        CatalogEvent.from_wire(data)

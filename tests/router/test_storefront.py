@@ -28,9 +28,9 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from proto.catalog import CatalogEvent
-from services.router.storefront import image_content_type
 from tests.conftest import stage_image
 from tests.helpers import eventually, ids_of, search_image, search_text
+from vitrine.images import ACCEPTED_FORMATS, CONTENT_TYPES, decode_image, image_content_type
 from vitrine.ingest import EventPublisher, events_from_csv
 from vitrine.stack import LocalStack
 
@@ -146,6 +146,8 @@ def _encoded(format: str, **options: object) -> bytes:
         (_encoded("PNG"), "image/png"),
         (_encoded("GIF"), "image/gif"),
         (_encoded("WEBP"), "image/webp"),
+        (_encoded("BMP"), "image/bmp"),
+        (_encoded("TIFF"), None),  # the encoder refuses it: so does the storefront
         (b"<html><script>alert(1)</script>", None),
         (b"RIFF\x10\0\0\0WAVEfmt ", None),
         (b"", None),
@@ -153,6 +155,13 @@ def _encoded(format: str, **options: object) -> bytes:
 )
 def test_content_type_comes_from_the_bytes(data: bytes, expected: str | None) -> None:
     assert image_content_type(data) == expected
+
+
+@pytest.mark.parametrize("format", sorted(ACCEPTED_FORMATS))
+def test_every_format_the_encoder_accepts_can_be_served(format: str) -> None:
+    data = _encoded(format)
+    assert decode_image(data, 10_000).size == (8, 8)
+    assert image_content_type(data) == CONTENT_TYPES[format]
 
 
 def test_a_product_image_is_its_file_byte_for_byte(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,6 +36,16 @@ JPEG = b"\xff\xd8" + b"x" * 1000
         ("fe80::1", "link-local"),
         ("0.0.0.0", "unspecified"),
         ("224.0.0.1", "multicast"),
+        # not in any list of "private" ranges, and still not the public internet
+        ("100.64.0.1", "not a globally reachable"),  # carrier-grade NAT
+        ("2002:c0a8:101::1", "6to4"),
+        ("fec0::1", "site-local"),
+        ("ff0e::1", "multicast"),
+        ("64:ff9b::a00:1", "reserved"),  # NAT64 of 10.0.0.1
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "private"),  # Teredo
+        ("198.18.0.1", "private"),  # benchmarking
+        ("240.0.0.1", "private"),
+        ("::ffff:100.64.0.1", "maps to 100.64.0.1"),
     ],
 )
 def test_internal_addresses_are_refused(ip: str, kind: str) -> None:
@@ -40,7 +53,9 @@ def test_internal_addresses_are_refused(ip: str, kind: str) -> None:
     assert refusal is not None and kind in refusal
 
 
-@pytest.mark.parametrize("ip", ["8.8.8.8", "151.101.1.69", "2606:4700::6810:84e5"])
+@pytest.mark.parametrize(
+    "ip", ["8.8.8.8", "151.101.1.69", "2606:4700::6810:84e5", "::ffff:8.8.8.8"]
+)
 def test_public_addresses_pass(ip: str) -> None:
     assert address_refusal(ip) is None
 
@@ -143,3 +158,50 @@ async def test_files_are_read_only_below_the_root(tmp_path: Path) -> None:
         await fetch(FetchPolicy(file_root=root, max_bytes=10), (root / "ok.jpg").as_uri())
     with pytest.raises(ImageRejected, match="unsupported image_uri scheme"):
         await fetch(policy, "gopher://x/y")
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("http://example.com:99999/a.jpg", "invalid image_uri"),  # port out of range
+        ("http://[::1/a.jpg", "invalid image_uri"),  # unclosed IPv6 bracket
+        ("http://a" + "b" * 70 + ".com/x.jpg", "invalid image_uri"),  # label too long for IDNA
+        ("http://xn--ls8h\u0000.com/x.jpg", "cannot resolve"),
+        ("https:///no-host.jpg", "refused redirect target"),
+    ],
+)
+async def test_unparseable_uris_are_rejected_not_raised(uri: str, message: str) -> None:
+    with pytest.raises(ImageRejected, match=message):
+        await fetch(FetchPolicy(file_root=None), uri)
+
+
+async def test_special_files_under_the_root_are_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO would block `open` forever, waiting for a writer; a loop cannot be resolved."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "loop-a.jpg").symlink_to(tmp_path / "loop-b.jpg")
+    (tmp_path / "loop-b.jpg").symlink_to(tmp_path / "loop-a.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    policy = FetchPolicy(file_root=tmp_path, timeout_s=30)
+    cases = {
+        (tmp_path / "pipe.jpg").as_uri(): "not a regular file",
+        (tmp_path / "dir.jpg").as_uri(): "not a regular file",
+        (tmp_path / "loop-a.jpg").as_uri(): "cannot be resolved",
+        f"file://{tmp_path}/nul%00.jpg": "NUL",
+    }
+    for uri, message in cases.items():
+        started = time.monotonic()
+        with pytest.raises(ImageRejected, match=message):
+            await fetch(policy, uri)
+        assert time.monotonic() - started < 10, uri  # refused, not timed out
+
+
+async def test_a_server_that_never_answers_is_cut_off_by_the_timeout() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(60)
+
+    silent = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    policy = FetchPolicy(file_root=None, allow_private_networks=True, timeout_s=0.5)
+    async with silent:
+        with pytest.raises(ImageRejected, match="timed out after 0.5s"):
+            await fetch(policy, f"http://127.0.0.1:{port}/slow.jpg")
