@@ -8,6 +8,7 @@ no coercion of "7" or 7.0 into a version, no bytes into a title.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, TypeVar
 
 import msgpack
@@ -34,7 +35,7 @@ def unpack(data: bytes) -> dict[str, Any]:
         payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of types for hostile bytes
         raise InvalidMessage(f"not valid msgpack: {_short(exc)}") from exc
-    return _a_map(payload, "msgpack")
+    return _a_map(payload, "a msgpack map")
 
 
 def looks_like_json(data: bytes) -> bool:
@@ -43,18 +44,19 @@ def looks_like_json(data: bytes) -> bool:
     return data.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n").startswith(b"{")
 
 
-def unpack_json(data: bytes) -> dict[str, Any]:
-    """Decode one JSON object, refusing NaN/Infinity and repeated keys (which JSON parsers
-    disagree on)."""
+def unpack_json(data: bytes | str) -> dict[str, Any]:
+    """Decode one JSON object (bytes: UTF-8), refusing NaN, Infinity, numbers beyond a float
+    and repeated keys (which JSON parsers disagree on)."""
     try:
         payload = json.loads(
-            data.decode("utf-8-sig"),
+            data.decode("utf-8-sig") if isinstance(data, bytes) else data,
+            parse_float=_finite_float,
             parse_constant=_refuse_constant,
             object_pairs_hook=_unique_keys,
         )
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidMessage(f"not valid JSON: {_short(exc)}") from exc
-    return _a_map(payload, "JSON")
+    return _a_map(payload, "a JSON object")
 
 
 def check_schema_version(
@@ -94,14 +96,21 @@ def capped(reason: str, limit: int = MAX_REASON_CHARS) -> str:
     return reason if len(reason) <= limit else reason[: limit - len(suffix)] + suffix
 
 
-def _a_map(payload: Any, encoding: str) -> dict[str, Any]:
+def _a_map(payload: Any, expected: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
-        raise InvalidMessage(f"expected a {encoding} map, got {type(payload).__name__}")
+        raise InvalidMessage(f"expected {expected}, got {type(payload).__name__}")
     return payload
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{_clip(text, 40)} is beyond the range of a number")
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -219,6 +219,12 @@ class DualEncoder:
             rows.append(self._encode_pixels(pixels))
         return _stack(rows, self.dim)
 
+    def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """L2-normalised image vectors of pictures prepared by `preprocess_image`."""
+        chunks = [pixels[start : start + MAX_BATCH] for start in range(0, len(pixels), MAX_BATCH)]
+        rows = [self._encode_pixels(self._pinned(torch.stack(list(chunk)))) for chunk in chunks]
+        return _stack(rows, self.dim)
+
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self._dtype, non_blocking=pixels.is_pinned())
         if self._channels_last:
@@ -290,11 +296,7 @@ class DualEncoder:
         has_text = np.array([bool(text and text.strip()) for text in texts], dtype=bool)
         if self.fusion is None:  # a plain dual encoder indexes the picture alone
             has_text[:] = False
-        image_vectors = _stack(
-            [self._encode_pixels(self._pinned(torch.stack(list(pixels[start : start + MAX_BATCH]))))
-             for start in range(0, len(pixels), MAX_BATCH)],
-            self.dim,
-        )
+        image_vectors = self.encode_pixels(pixels)
         text_vectors = np.zeros_like(image_vectors)
         text_vectors[has_text] = self.encode_texts(
             [t for t, keep in zip(texts, has_text, strict=True) if keep and t]

@@ -10,15 +10,20 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import re
+import signal
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -28,11 +33,16 @@ from prometheus_client import (
     generate_latest,
 )
 
-from vitrine.errors import VitrineError
+from proto.codec import unpack_json
+from vitrine.errors import InvalidMessage, VitrineError
 
 log = structlog.get_logger()
 
 REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_BYTES = 16 * 1024**2
+# a caller's request id is taken only if it is a short printable ASCII token: it goes into
+# every log line and every shard request header, where anything else would break them
+_REQUEST_ID = re.compile(r"[!-~]{1,64}")
 
 
 @dataclass
@@ -114,7 +124,7 @@ def limit_compute_threads(threads: int | None) -> None:
 
 def base_app(service: str) -> web.Application:
     """An app with /healthz, /readyz, /metrics and the VitrineError -> HTTP mapping."""
-    app = web.Application(middlewares=[_errors_and_timing], client_max_size=16 * 1024**2)
+    app = web.Application(middlewares=[_errors_and_timing], client_max_size=MAX_REQUEST_BYTES)
     registry = CollectorRegistry()
     ProcessCollector(namespace="vitrine", registry=registry)  # memory, CPU, open fds
     # join key for per-role panels: `... * on(instance) group_left(service) vitrine_service_info`
@@ -162,10 +172,43 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def request_id(request: web.Request) -> str:
+    """This request's id: the caller's `X-Request-Id` if it is a short printable ASCII token,
+    else a new one. Every log line of the request carries it; the router forwards it."""
+    known = request.get(REQUEST_ID_HEADER)
+    if known is None:
+        offered = request.headers.get(REQUEST_ID_HEADER, "")
+        known = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
+        request[REQUEST_ID_HEADER] = known
+    return str(known)
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, read strictly (see `proto.codec.unpack_json`): an
+    unknown charset, bytes that are not in it, NaN, deep nesting: a 400 with the reason."""
+    if (request.content_length or 0) > MAX_REQUEST_BYTES:  # refused before reading a byte
+        raise web.HTTPRequestEntityTooLarge(MAX_REQUEST_BYTES, request.content_length or 0)
+    raw = await request.read()  # a chunked body past the limit: a 413 too
+    charset = request.charset or "utf-8"
+    try:
+        text = raw.decode(charset)
+    except LookupError:
+        raise InvalidMessage(f"unknown charset {charset[:40]!r}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"body is not valid {charset}: {exc.reason}") from None
+    return unpack_json(text)
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The one shape of every error answer: `{"error": reason}` with the status."""
+    return web.json_response({"error": reason}, status=status, headers=headers)
+
+
 @web.middleware
 async def _errors_and_timing(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    """Every error leaves as JSON: ours by their `http_status`, aiohttp's own (404, 405, 413,
+    ...) with their status, and anything unforeseen as a logged 500 that says nothing inside."""
+    structlog.contextvars.bind_contextvars(request_id=request_id(request))
     started = time.perf_counter()
     status = 500
     try:
@@ -174,10 +217,16 @@ async def _errors_and_timing(request: web.Request, handler: Handler) -> web.Stre
         return response
     except VitrineError as exc:
         status = exc.http_status
-        return web.json_response({"error": str(exc)}, status=status)
+        return error_response(status, str(exc))
     except web.HTTPException as exc:
         status = exc.status
-        raise
+        if status < 400:
+            raise  # a redirect is not an error
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(status, _http_reason(exc), allow)
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(500, "internal error (logged with this request's id)")
     finally:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
@@ -193,12 +242,86 @@ async def _errors_and_timing(request: web.Request, handler: Handler) -> web.Stre
         structlog.contextvars.unbind_contextvars("request_id")
 
 
+def _http_reason(exc: web.HTTPException) -> str:
+    text = exc.text or ""
+    if exc.status == 404:
+        return "no such route"
+    if exc.status == 405:
+        return f"method not allowed here (allowed: {exc.headers.get('Allow', 'none')})"
+    if exc.status == 413:
+        return f"request body too large: {text or exc.reason}"
+    return exc.reason if not text or text == f"{exc.status}: {exc.reason}" else text
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers what its HTTP parser refuses (a malformed request line, an oversized or
+    non-ASCII header, a broken chunked body) before any middleware runs, in text/plain: this
+    answers those in the same JSON shape as every other error. Swapped in per connection by
+    `_JsonErrorServer`; tests/vitrine/test_service.py sends such requests."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses a half-sent answer
+        reason = message or HTTPStatus(status).phrase
+        if status >= 500:
+            reason = "internal error"
+        response = error_response(status, reason.strip().splitlines()[0][:500])
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _JsonErrorRequestHandler  # same layout: it only adds a method
+        return handler
+
+
 def run_service(
     app: web.Application | Coroutine[Any, Any, web.Application], host: str, port: int
 ) -> None:
-    """Serve until SIGINT/SIGTERM; aiohttp then unwinds the cleanup contexts in reverse."""
-    log.info("listening", host=host, port=port)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
+    """Serve until SIGINT/SIGTERM, then unwind the cleanup contexts in reverse."""
+    asyncio.run(_serve(app, host, port))
+
+
+async def _serve(
+    app: web.Application | Coroutine[Any, Any, web.Application], host: str, port: int
+) -> None:
+    if not isinstance(app, web.Application):
+        app = await app
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await start_service(app, host, port)
+    try:
+        log.info("listening", host=host, port=port)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+
+
+async def start_service(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start the app's cleanup contexts and listen, answering even what aiohttp's HTTP parser
+    refuses in JSON; the caller owns `runner.cleanup()`."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    runner.server.__class__ = _JsonErrorServer
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,16 +22,11 @@ from services.router.metrics import EncodingMetrics, RouterMetrics
 from services.router.query import Query, budget_ms, query_from_body, query_from_params
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
+from vitrine.errors import InvalidQuery
 from vitrine.fetch import ImageFetcher, make_session
 from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
-from vitrine.service import (
-    READINESS,
-    REGISTRY,
-    REQUEST_ID_HEADER,
-    base_app,
-    limit_compute_threads,
-)
+from vitrine.service import READINESS, REGISTRY, base_app, limit_compute_threads, request_id
 
 log = structlog.get_logger()
 
@@ -76,9 +70,10 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
     deadline = started + budget_ms(request, settings) / 1000
     with metrics.stage_seconds.labels("encode").time():
         vector = await _encode(app[QUERY_ENCODER], query)
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
     left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
-    shard_query = SearchRequest.build(vector, query.k, left_ms, request_id, query.filters)
+    shard_query = SearchRequest.build(
+        vector, query.k, left_ms, request_id(request), query.filters
+    )
     with metrics.stage_seconds.labels("fanout").time():
         fleet = app[FLEET].current  # one fleet per answer: a re-shard never splits a query
         fanned = await fan_out(app[SHARDS], fleet.replicas, shard_query, deadline, metrics)
@@ -129,7 +124,12 @@ async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
     if query.text is not None:
         return (await encoder.encode_text(query.text))[np.newaxis]
     assert query.image is not None
-    return await asyncio.to_thread(encoder.model.encode_images, [query.image])
+    model = encoder.model
+    try:  # any aspect ratio the encoder accepts; whatever else the picture holds is its fault
+        pixels = await asyncio.to_thread(model.preprocess_image, query.image)
+    except Exception as exc:
+        raise InvalidQuery(f"image_b64 cannot be prepared for the model: {exc}") from exc
+    return await asyncio.to_thread(model.encode_pixels, [pixels])
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:

@@ -31,7 +31,7 @@ from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from services.router.replicas import ReplicaPolicy, ReplicaSet
 from services.router.settings import ShardAddress, split_shard_urls
 from vitrine.errors import InvalidMessage, VitrineError
-from vitrine.service import REGISTRY
+from vitrine.service import REGISTRY, json_body
 
 log = structlog.get_logger()
 
@@ -167,12 +167,9 @@ async def get_fleet(request: web.Request) -> web.Response:
 async def put_fleet(request: web.Request) -> web.Response:
     """Body: {"shard_urls": "a0|a1,b0"} (or a list); 200 with the new view, or 409."""
     _authorize(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidMessage("body is not valid JSON") from None
-    if not isinstance(body, dict) or "shard_urls" not in body:
-        raise InvalidMessage('expected a JSON object {"shard_urls": ...}')
+    body = await json_body(request)
+    if set(body) != {"shard_urls"}:
+        raise InvalidMessage('expected a JSON object {"shard_urls": ...} and nothing else')
     view = await request.app[FLEET].switch(parse_addresses(body["shard_urls"]))
     _export(request.app)
     return web.json_response(view.describe())
@@ -183,7 +180,8 @@ def _authorize(request: web.Request) -> None:
     if token is None:
         raise AdminForbidden("admin API disabled: set VITRINE_ADMIN_TOKEN on the router")
     offered = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if not hmac.compare_digest(offered.encode(), token.encode()):
+    # a header may hold any bytes (decoded with surrogateescape): compare bytes, never fail
+    if not hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode()):
         raise AdminForbidden("admin API: missing or wrong bearer token")
 
 

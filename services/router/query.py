@@ -1,4 +1,9 @@
-"""The storefront's query, validated: a clear 400 for anything we will not run."""
+"""The storefront's query, validated: a clear 400 for anything we will not run.
+
+Total: whatever the parameters or body, the answer is a `Query` or `InvalidQuery` /
+`InvalidMessage` (both 400), never another exception (tests/router/test_query.py fuzzes it).
+Nothing is ignored: an unknown parameter or field is a 400 that names it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from PIL import Image
 from services.router.settings import RouterSettings
 from vitrine.errors import ImageRejected, InvalidQuery
 from vitrine.images import decode_image
+from vitrine.service import json_body
 
 MAX_FILTER_VALUES = 50
 MAX_FILTER_VALUE_CHARS = 128
@@ -26,8 +32,21 @@ class Query:
     filters: dict[str, list[str]] = field(default_factory=dict)
 
 
+SEARCH_PARAMS = ("q", "k", "budget_ms")  # GET /search takes these and the filter fields
+BODY_FIELDS = ("text", "image_b64", "k", "filters")
+
+
 def query_from_params(params: Any, settings: RouterSettings) -> Query:
     """GET /search?q=<text>&k=<n>&colour=Red,Maroon&gender=Women (any filter field)"""
+    for name in params:
+        if name not in SEARCH_PARAMS and name not in settings.filter_fields:
+            raise InvalidQuery(
+                f"unknown parameter {_shown(name)}: /search takes {', '.join(SEARCH_PARAMS)} "
+                f"and the filter fields {', '.join(settings.filter_fields)}"
+            )
+    for name in SEARCH_PARAMS:
+        if len(params.getall(name, ())) > 1:
+            raise InvalidQuery(f"parameter {name!r} is given more than once")
     filters = {
         name: [v for value in params.getall(name) for v in value.split(",")]
         for name in settings.filter_fields
@@ -42,15 +61,11 @@ def query_from_params(params: Any, settings: RouterSettings) -> Query:
 
 async def query_from_body(request: web.Request, settings: RouterSettings) -> Query:
     """POST /search with {"text": ..., "k": n} or {"image_b64": ..., "k": n}"""
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise InvalidQuery(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidQuery("body must be a JSON object")
-    unknown = set(body) - {"text", "image_b64", "k", "filters"}
+    body = await json_body(request)
+    unknown = set(body) - set(BODY_FIELDS)
     if unknown:
-        raise InvalidQuery(f"unknown fields: {sorted(unknown)}")
+        shown = ", ".join(_shown(name) for name in sorted(unknown)[:5])
+        raise InvalidQuery(f"unknown fields: {shown} (a search takes {', '.join(BODY_FIELDS)})")
     if ("text" in body) == ("image_b64" in body):
         raise InvalidQuery('give exactly one of "text" or "image_b64"')
     k = _k(body.get("k"), settings)
@@ -75,23 +90,24 @@ def budget_ms(request: web.Request, settings: RouterSettings) -> float:
     try:
         budget = float(raw)
     except ValueError as exc:
-        raise InvalidQuery(f"budget must be a number of milliseconds, got {raw!r}") from exc
+        raise InvalidQuery(f"budget must be a number of milliseconds, got {_shown(raw)}") from exc
     if not 0 < budget <= settings.max_budget_ms:
-        raise InvalidQuery(f"budget must be in (0, {settings.max_budget_ms:g}] ms, got {raw}")
+        limit = f"{settings.max_budget_ms:g}"
+        raise InvalidQuery(f"budget must be in (0, {limit}] ms, got {_shown(raw)}")
     return budget
 
 
 def _k(raw: Any, settings: RouterSettings) -> int:
     if raw is None:
         return settings.default_k
-    if isinstance(raw, bool):
-        raise InvalidQuery("k must be an integer")
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise InvalidQuery(f"k must be an integer, got {_shown(raw)}")
     try:
         k = int(raw)
-    except (TypeError, ValueError) as exc:
-        raise InvalidQuery(f"k must be an integer, got {raw!r}") from exc
+    except (ValueError, OverflowError) as exc:  # "many", NaN, infinity
+        raise InvalidQuery(f"k must be an integer, got {_shown(raw)}") from exc
     if isinstance(raw, float) and raw != k:
-        raise InvalidQuery(f"k must be an integer, got {raw!r}")
+        raise InvalidQuery(f"k must be an integer, got {_shown(raw)}")
     if not 1 <= k <= settings.max_k:
         raise InvalidQuery(f"k must be between 1 and {settings.max_k}, got {k}")
     return k
@@ -105,7 +121,7 @@ def _filters(raw: Any, settings: RouterSettings) -> dict[str, list[str]]:
     for name, values in raw.items():
         if name not in settings.filter_fields:
             raise InvalidQuery(
-                f"cannot filter on {name!r}: filterable fields are "
+                f"cannot filter on {_shown(name)}: filterable fields are "
                 f"{', '.join(settings.filter_fields)}"
             )
         listed = [values] if isinstance(values, str) else values
@@ -120,7 +136,7 @@ def _filters(raw: Any, settings: RouterSettings) -> dict[str, list[str]]:
                 f"filter {name!r}: at most {MAX_FILTER_VALUES} values of "
                 f"{MAX_FILTER_VALUE_CHARS} characters"
             )
-        filters[name] = [v.strip() for v in listed]
+        filters[name] = [_unicode(v.strip(), f"filter {name!r}") for v in listed]
     return filters
 
 
@@ -130,7 +146,22 @@ def _text(raw: Any, settings: RouterSettings) -> str:
     text = " ".join(raw.split())
     if len(text) > settings.max_query_chars:
         raise InvalidQuery(f"query text is longer than {settings.max_query_chars} characters")
+    return _unicode(text, "query text")
+
+
+def _unicode(text: str, what: str) -> str:
+    """Text that can be encoded: a lone surrogate (JSON's "\\ud800", undecodable URL bytes)
+    would fail the tokenizer, the cache key and the shard request further on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidQuery(f"{what} is not valid Unicode: {exc.reason} at {exc.start}") from None
     return text
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _image(raw: Any, settings: RouterSettings) -> Image.Image:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import io
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
+from PIL import Image
 
 from tests.helpers import http_json
 from vitrine.stack import LocalStack
@@ -84,3 +88,98 @@ def test_a_client_budget_too_small_for_any_shard_gives_a_partial_answer(
 def test_a_client_budget_within_bounds_is_honoured(stack: LocalStack) -> None:
     status, answer = http_json(f"{stack.router_url}/search?q=boots&k=2&budget_ms=1500")
     assert status == 200 and not answer["partial"]
+
+
+# -- hostile requests: whatever arrives, a 4xx with a JSON reason, never a 5xx ---------------
+
+
+def _raw(router: str, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, bytes] | None = None) -> tuple[int, dict[str, object]]:
+    """One request with raw header bytes (urllib refuses non-latin-1 values)."""
+    parsed = urllib.parse.urlsplit(router)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in {"Content-Length": str(len(body or b"")).encode(),
+                            **(headers or {})}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        content_type = response.getheader("Content-Type", "")
+        payload = response.read()
+    finally:
+        connection.close()
+    assert content_type.startswith("application/json"), (response.status, content_type, payload)
+    return response.status, json.loads(payload)
+
+
+def _picture(width: int, height: int) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (180, 20, 40)).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+JSON = {"Content-Type": b"application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "reason"),
+    [
+        ("POST", "/search", b"[" * 100_000, JSON, 400, "not valid JSON"),
+        ("POST", "/search", b'{"text": ' * 5000 + b"1" + b"}" * 5000, JSON, 400, "JSON"),
+        ("POST", "/search", b'{"text": "boots"}',
+         {"Content-Type": b"application/json; charset=x-unheard-of"}, 400, "unknown charset"),
+        ("POST", "/search", b'{"text": "boots", "k": Infinity}', JSON, 400, "Infinity"),
+        ("POST", "/search", b'{"text": "boots", "k": NaN}', JSON, 400, "NaN"),
+        ("POST", "/search", b'{"text": "boots", "k": 1e999}', JSON, 400, "beyond the range"),
+        ("POST", "/search", b'{"text": "boots", "k": 1e300}', JSON, 400, "between 1 and"),
+        ("POST", "/search", b'{"text": "boots \\ud800"}', JSON, 400, "not valid Unicode"),
+        ("POST", "/search", b'{"text": "boots", "filters": {"colour": "\\udfff"}}', JSON, 400,
+         "not valid Unicode"),
+        ("POST", "/search", b'{"text": "boots", "filters": {"brand": "Nike"}}', JSON, 400,
+         "cannot filter on 'brand'"),
+        ("POST", "/search", b'{"text": "boots", "text": "shoes"}', JSON, 400, "repeats a key"),
+        ("POST", "/search", b"\xff\xfe\x00", JSON, 400, "not valid utf-8"),
+        ("GET", "/search?q=boots&brand=Nike", None, None, 400, "unknown parameter 'brand'"),
+        ("GET", "/search?q=boots&offset=10", None, None, 400, "unknown parameter 'offset'"),
+        ("GET", "/search?q=boots&q=shoes", None, None, 400, "more than once"),
+        ("GET", "/search?q=boots&k=inf", None, None, 400, "integer"),
+        ("GET", "/search?q=boots&budget_ms=nan", None, None, 400, "budget"),
+        ("GET", "/nowhere", None, None, 404, "no such route"),
+        ("DELETE", "/search", None, None, 405, "not allowed"),
+        ("POST", "/search", b"x" * 100, {**JSON, "Content-Length": b"99999999999"}, 413,
+         "too large"),
+        ("GET", "/admin/fleet", None, {"Authorization": b"Bearer \xc3\xa9\xff\x80"}, 403, "token"),
+        ("GET", "/images/..%2F..%2Fetc%2Fpasswd", None, None, 400, "product id"),
+        ("GET", "/images/" + "a" * 500, None, None, 400, "product id"),
+    ],
+)
+def test_hostile_requests_get_a_json_4xx(
+    stack: LocalStack, method: str, path: str, body: bytes | None,
+    headers: dict[str, bytes] | None, status: int, reason: str,
+) -> None:
+    got, answer = _raw(stack.router_url, method, path, body, headers)
+    assert got == status, answer
+    assert isinstance(answer["error"], str) and reason in answer["error"], answer
+
+
+@pytest.mark.parametrize(
+    "request_id", [b"caf\xc3\xa9", b"\xff\xfe", b"a" * 5000, b"tab\there", b"has space"]
+)
+def test_a_request_id_that_is_not_a_short_ascii_token_changes_nothing(
+    stack: LocalStack, request_id: bytes
+) -> None:
+    status, answer = _raw(stack.router_url, "GET", "/search?q=shirt&k=3",
+                          headers={"X-Request-Id": request_id})
+    assert status == 200 and not answer["partial"], answer
+    assert answer["missing_shards"] == []
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 2000), (3000, 1), (2, 1), (1, 1)])
+def test_an_image_query_of_any_aspect_ratio_is_answered(
+    stack: LocalStack, width: int, height: int
+) -> None:
+    status, answer = http_json(
+        f"{stack.router_url}/search", {"image_b64": _picture(width, height), "k": 3}
+    )
+    assert status == 200 and not answer["partial"], answer
