@@ -129,7 +129,7 @@ def base_app(service: str) -> web.Application:
     ProcessCollector(namespace="vitrine", registry=registry)  # memory, CPU, open fds
     # join key for per-role panels: `... * on(instance) group_left(service) vitrine_service_info`
     Info("vitrine_service", "Which Vitrine role this process is", registry=registry).info(
-        {"service": service, "version": _version()}
+        {"service": service, "version": service_version()}
     )
     app[REGISTRY] = registry
     app[READINESS] = Readiness()
@@ -147,7 +147,7 @@ def base_app(service: str) -> web.Application:
     return app
 
 
-def _version() -> str:
+def service_version() -> str:
     try:
         return importlib.metadata.version("vitrine")
     except importlib.metadata.PackageNotFoundError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import numpy as np
@@ -14,11 +13,13 @@ import structlog
 from aiohttp import web
 
 from proto.search import SearchRequest
+from proto.storefront import Coverage, Hit, SearchAnswer
 from services.router.encoding import QueryEncoder
 from services.router.fanout import fan_out
 from services.router.fleet import FLEET, Fleet, add_fleet_routes
 from services.router.merge import merge_topk
 from services.router.metrics import EncodingMetrics, RouterMetrics
+from services.router.openapi import openapi_document
 from services.router.query import Query, budget_ms, query_from_body, query_from_params
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
@@ -26,7 +27,14 @@ from vitrine.errors import InvalidQuery
 from vitrine.fetch import ImageFetcher, make_session
 from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
-from vitrine.service import READINESS, REGISTRY, base_app, limit_compute_threads, request_id
+from vitrine.service import (
+    READINESS,
+    REGISTRY,
+    base_app,
+    limit_compute_threads,
+    request_id,
+    service_version,
+)
 
 log = structlog.get_logger()
 
@@ -36,6 +44,7 @@ METADATA = web.AppKey("metadata", MetadataStore)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
 QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
+OPENAPI = web.AppKey("openapi", dict)
 
 
 async def create_app(settings: RouterSettings) -> web.Application:
@@ -47,23 +56,29 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app.cleanup_ctx.extend([_model, _query_encoder, _redis, _shard_session, _image_session])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
+    app[OPENAPI] = openapi_document(settings, service_version())
+    app.router.add_get("/openapi.json", openapi)
     add_storefront_routes(app)
     return app
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
 
 
 async def search_get(request: web.Request) -> web.Response:
     started = time.monotonic()
     query = query_from_params(request.query, request.app[SETTINGS])
-    return web.json_response(await answer(request, query, started))
+    return web.json_response((await answer(request, query, started)).model_dump())
 
 
 async def search_post(request: web.Request) -> web.Response:
     started = time.monotonic()
     query = await query_from_body(request, request.app[SETTINGS])
-    return web.json_response(await answer(request, query, started))
+    return web.json_response((await answer(request, query, started)).model_dump())
 
 
-async def answer(request: web.Request, query: Query, started: float) -> dict[str, Any]:
+async def answer(request: web.Request, query: Query, started: float) -> SearchAnswer:
     """One deadline end to end: encoding spends from it and the shards get what is left."""
     app = request.app
     settings, metrics = app[SETTINGS], app[METRICS]
@@ -88,35 +103,35 @@ async def answer(request: web.Request, query: Query, started: float) -> dict[str
     searched = sum(r.searched for r in fanned.responses)
     partial = bool(fanned.missing)
     metrics.queries.labels("text" if query.text else "image", str(not partial).lower()).inc()
-    return {
-        "results": [
-            {
-                "product_id": hit.product_id,
-                "score": round(hit.score, 6),
-                "title": found[hit.product_id].title,
-                "image_uri": found[hit.product_id].image_uri,
-            }
+    return SearchAnswer(
+        results=[
+            Hit(
+                product_id=hit.product_id,
+                score=round(hit.score, 6),
+                title=found[hit.product_id].title,
+                image_uri=found[hit.product_id].image_uri,
+            )
             for hit in hits
             if hit.product_id in found  # deleted since the shard last heard: drop it
         ],
-        "partial": partial,
-        "missing_shards": sorted(fanned.missing),
-        "coverage": coverage(len(fanned.responses), fleet.num_shards, searched, sizes),
-        "took_ms": round((time.monotonic() - started) * 1000, 3),
-    }
+        partial=partial,
+        missing_shards=sorted(fanned.missing),
+        coverage=coverage(len(fanned.responses), fleet.num_shards, searched, sizes),
+        took_ms=round((time.monotonic() - started) * 1000, 3),
+    )
 
 
-def coverage(answered: int, shards: int, searched: int, sizes: dict[int, int]) -> dict[str, Any]:
-    """Like Vespa's coverage report: how much of the catalog this answer looked at. A missing
-    shard counts with the size it last reported (0 if it never answered)."""
+def coverage(answered: int, shards: int, searched: int, sizes: dict[int, int]) -> Coverage:
+    """How much of the catalog this answer looked at. A missing shard counts with the size it
+    last reported (0 if it never answered)."""
     total = max(searched, sum(sizes.values()))
-    return {
-        "shards_answered": answered,
-        "shards_total": shards,
-        "vectors_searched": searched,
-        "vectors_total": total,
-        "ratio": round(searched / total, 6) if total else float(answered == shards),
-    }
+    return Coverage(
+        shards_answered=answered,
+        shards_total=shards,
+        vectors_searched=searched,
+        vectors_total=total,
+        ratio=round(searched / total, 6) if total else float(answered == shards),
+    )
 
 
 async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
