@@ -3,10 +3,12 @@ the encoder, the router) shared by every test that can share it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from vitrine.stack import LocalStack, StackSettings
@@ -58,3 +60,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> Iterato
     local.start()
     yield local
     local.stop()
+
+
+# Property-based tests stay within the suite's time budget: bounded examples, no per-example
+# deadline (2 shared cores), and in CI a fixed sequence so a failure reproduces.
+hypothesis.settings.register_profile(
+    "vitrine", max_examples=150, deadline=None, derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.load_profile("vitrine")

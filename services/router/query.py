@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiMapping
 from PIL import Image
 
 from services.router.settings import RouterSettings
@@ -36,7 +37,7 @@ SEARCH_PARAMS = ("q", "k", "budget_ms")  # GET /search takes these and the filte
 BODY_FIELDS = ("text", "image_b64", "k", "filters")
 
 
-def query_from_params(params: Any, settings: RouterSettings) -> Query:
+def query_from_params(params: MultiMapping[str], settings: RouterSettings) -> Query:
     """GET /search?q=<text>&k=<n>&colour=Red,Maroon&gender=Women (any filter field)"""
     for name in params:
         if name not in SEARCH_PARAMS and name not in settings.filter_fields:
@@ -61,7 +62,11 @@ def query_from_params(params: Any, settings: RouterSettings) -> Query:
 
 async def query_from_body(request: web.Request, settings: RouterSettings) -> Query:
     """POST /search with {"text": ..., "k": n} or {"image_b64": ..., "k": n}"""
-    body = await json_body(request)
+    return query_from_json(await json_body(request), settings)
+
+
+def query_from_json(body: dict[str, Any], settings: RouterSettings) -> Query:
+    """The search a decoded JSON body asks for (see `query_from_body`)."""
     unknown = set(body) - set(BODY_FIELDS)
     if unknown:
         shown = ", ".join(_shown(name) for name in sorted(unknown)[:5])
