@@ -261,6 +261,8 @@ def artifacts(tmp_path: Path) -> Path:
 def screenshot(page: Page, artifacts: Path, name: str) -> Path:
     path = artifacts / f"storefront-{name}.png"
     page.mouse.move(0, 0)  # no hover effects in the picture
+    heights = page.eval_on_selector_all("#grid .card", "cards => cards.map(c => c.offsetHeight)")
+    assert max(heights, default=0) < 1000, "a picture of an odd shape stretched its card"
     page.screenshot(path=str(path), full_page=True)
     print(f"screenshot: {path}")
     return path
