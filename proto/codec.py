@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vitrine.errors import InvalidMessage
+from proto.errors import InvalidMessage
 
 M = TypeVar("M", bound=BaseModel)
 

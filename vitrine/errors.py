@@ -1,18 +1,14 @@
-"""One error tree for Vitrine; `http_status` is how the HTTP layer maps each family."""
+"""One error tree for Vitrine (rooted in `proto.errors`); `http_status` is how the HTTP layer
+maps each family."""
 
 from __future__ import annotations
 
+from proto.errors import InvalidMessage, VitrineError
 
-class VitrineError(Exception):
-    """Base of every error Vitrine raises on purpose."""
-
-    http_status = 500
-
-
-class InvalidMessage(VitrineError):
-    """A wire message that cannot be accepted: unparseable, unknown version, bad fields."""
-
-    http_status = 400
+__all__ = [
+    "ImageRejected", "ImageUnavailable", "InvalidMessage", "InvalidQuery", "ModelSpecError",
+    "ProductNotFound", "VitrineError",
+]
 
 
 class InvalidQuery(VitrineError):

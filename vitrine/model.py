@@ -258,6 +258,16 @@ class DualEncoder:
     def _pinned(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
+    def warm_up(self) -> None:
+        """Run every tower once (text, image, fusion): the first call of each pays one-off
+        costs (kernel selection, allocator growth) that a first query must not, e.g. the first
+        "shop the look" after a start spending its whole deadline in the image tower."""
+        picture = PIL.Image.new("RGB", (60, 80), (255, 255, 255))
+        pixels = self.preprocess_image(picture)
+        self.encode_pixels([pixels])
+        self.encode_prepared_products([pixels], ["warm up"])
+        self.encode_texts(["warm up"])
+
     def close(self) -> None:
         """Stop the preprocessing pool (the model itself needs no cleanup)."""
         if self._pool is not None:

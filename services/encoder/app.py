@@ -54,6 +54,7 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
         preprocess_threads=settings.preprocess_threads,
     )
     limit_compute_threads(settings.compute_threads)
+    await asyncio.to_thread(app[MODEL].warm_up)
     log.info("model loaded", model_id=app[MODEL].model_id, dim=app[MODEL].dim,
              device=str(app[MODEL].device), precision=app[MODEL].precision)
     yield

@@ -152,7 +152,7 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
         load_dual_encoder, app[SETTINGS].model_spec(), precision=app[SETTINGS].model_precision
     )
     limit_compute_threads(app[SETTINGS].compute_threads)
-    await asyncio.to_thread(model.encode_texts, ["warm up"])  # first call pays one-off costs
+    await asyncio.to_thread(model.warm_up)  # text and image queries: no cold first call
     app[MODEL] = model
     app[READINESS].set_ready()
     log.info("model loaded", model_id=model.model_id)

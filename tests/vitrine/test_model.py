@@ -348,3 +348,12 @@ def test_cuda_fp16_encoding_matches_the_cpu(
         assert _cosines(gpu.encode_texts(TEXTS), encoder.encode_texts(TEXTS)).min() > 0.995
     finally:
         gpu.close()
+
+
+def test_warming_up_runs_every_tower_and_changes_nothing(
+    encoder: DualEncoder, pictures: list[Image.Image]
+) -> None:
+    before = encoder.encode_products(pictures, ["navy blue shirt", ""])
+    encoder.warm_up()
+    np.testing.assert_array_equal(encoder.encode_products(pictures, ["navy blue shirt", ""]),
+                                  before)
