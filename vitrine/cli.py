@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from proto.catalog import catalog_event_json_schema
+from proto.stats import EncoderStats, ShardStats
 from vitrine.control import ControlServer, request_reshard
 from vitrine.errors import VitrineError
 from vitrine.ingest import EventPublisher, count_rows, events_from_csv, publish_all
@@ -202,10 +203,13 @@ def wait_until_indexed(stack: LocalStack, published: int, timeout_s: float = 600
     """Until the encoder has handled every event and the shards hold what it indexed."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        events = _get_json(f"{stack.encoder_url}/stats")["events"]
-        handled = sum(events.values())
-        held = sum(_get_json(f"{url}/stats")["vectors"] for url in stack.shard_urls)
-        if handled >= published and held >= events.get("indexed", 0) - events.get("deleted", 0):
+        encoder = EncoderStats.model_validate(_get_json(f"{stack.encoder_url}/stats"))
+        held = sum(
+            ShardStats.model_validate(_get_json(f"{url}/stats")).vectors for url in stack.shard_urls
+        )
+        events = encoder.events
+        indexed = events.get("indexed", 0) - events.get("deleted", 0)
+        if encoder.handled >= published and held >= indexed:
             return held
         time.sleep(0.5)
     raise VitrineError(f"catalog not searchable after {timeout_s}s")

@@ -33,6 +33,7 @@ from typing import IO, Any
 import structlog
 from pydantic import Field
 
+from proto.stats import ShardStats
 from vitrine.errors import VitrineError
 from vitrine.kafka import ensure_topics
 from vitrine.settings import CommonSettings
@@ -444,9 +445,11 @@ def _shard_state(child: Child) -> _ShardState:
     _check_alive(child)
     assert child.health_url is not None
     stats_url = child.health_url.removesuffix("/readyz") + "/stats"
-    _, stats = probe(stats_url)
-    lag = sum((stats.get("lag") or {}).values())
-    return _ShardState(probe(child.health_url)[0] == 200, stats.get("vectors", 0), lag)
+    status, answer = probe(stats_url)
+    if status != 200:  # still starting: nothing to report yet
+        return _ShardState(False, 0, 0)
+    stats = ShardStats.model_validate(answer)
+    return _ShardState(probe(child.health_url)[0] == 200, stats.vectors, stats.total_lag)
 
 
 def _stop_order(name: str) -> int:

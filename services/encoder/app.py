@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from confluent_kafka import Consumer, Producer
 
+from proto.stats import EncoderStats
 from services.encoder.attempts import AttemptLedger
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import EventTransform, TransformLimits
@@ -42,9 +43,10 @@ async def create_app(settings: EncoderSettings) -> web.Application:
 async def stats(request: web.Request) -> web.Response:
     """Events handled since start, by outcome: for `vitrine` commands and operators."""
     worker = request.app[WORKER]
-    return web.json_response(
-        {"model_id": request.app[MODEL].model_id, "events": worker.totals, "lag": worker.lag.lags}
+    answer = EncoderStats(
+        model_id=request.app[MODEL].model_id, events=dict(worker.totals), lag=worker.lag.lags
     )
+    return web.json_response(answer.model_dump(mode="json"))
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:

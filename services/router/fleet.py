@@ -28,6 +28,7 @@ from aiohttp import web
 from prometheus_client import Gauge
 from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
+from proto.stats import ShardStats
 from services.router.replicas import ReplicaPolicy, ReplicaSet
 from services.router.settings import ShardAddress, split_shard_urls
 from vitrine.errors import InvalidMessage, VitrineError
@@ -108,14 +109,16 @@ async def _check_replica(
 ) -> str | None:
     try:
         async with session.get(f"{url}/stats") as response:
-            stats = await response.json() if response.status == 200 else {}
+            if response.status != 200:
+                return f"{url}: /stats answered HTTP {response.status}"
+            stats = ShardStats.model_validate(await response.json())
         async with session.get(f"{url}/readyz") as response:
             ready = response.status == 200
             reason = (await response.json(content_type=None) or {}).get("reason")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return f"{url}: unreachable ({type(exc).__name__})"
-    if (stats.get("shard_id"), stats.get("num_shards")) != (shard, count):
-        return (f"{url}: says shard {stats.get('shard_id')} of {stats.get('num_shards')}, "
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValidationError too
+        return f"{url}: unreachable or not a shard ({type(exc).__name__})"
+    if (stats.shard_id, stats.num_shards) != (shard, count):
+        return (f"{url}: says shard {stats.shard_id} of {stats.num_shards}, "
                 f"expected shard {shard} of {count}")
     if not ready:
         return f"{url}: not ready ({reason or 'catching up'})"

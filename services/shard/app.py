@@ -12,6 +12,7 @@ from aiohttp import web
 from confluent_kafka import Consumer
 
 from proto.search import SearchRequest, SearchResponse
+from proto.stats import SegmentStats, ShardStats
 from services.shard.batching import QueryBatcher
 from services.shard.metrics import ShardMetrics
 from services.shard.replicator import VectorReplicator
@@ -56,30 +57,27 @@ async def content(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     app = request.app
-    replicator = app[REPLICATOR]
-    return web.json_response({
-        "shard_id": app[SETTINGS].shard_id,
-        "num_shards": app[SETTINGS].num_shards,
-        "vectors": len(app[STORE]),
-        "ready": app[READINESS].ready,
-        "partitions": replicator.partitions,
-        "next_offsets": replicator.next_offsets,
-        "lag": replicator.lag.lags,
-        "index_bytes": app[STORE].nbytes(),
-        "segments": segment_stats(app[STORE]),
-        "restored_from": replicator.restored_from,
-    })
-
-
-def segment_stats(store: ShardStore) -> dict[str, object]:
+    replicator, store = app[REPLICATOR], app[STORE]
     sealed = store.sealed
-    return {
-        "growing": len(store.growing or ()),
-        "sealed_rows": len(sealed) if sealed else 0,
-        "sealed_dead": sealed.dead_count if sealed else 0,
-        "sealed_kind": sealed.kind if sealed else None,
-        "sealing": store.sealing,
-    }
+    answer = ShardStats(
+        shard_id=app[SETTINGS].shard_id,
+        num_shards=app[SETTINGS].num_shards,
+        vectors=len(store),
+        ready=app[READINESS].ready,
+        partitions=replicator.partitions,
+        next_offsets=replicator.next_offsets,
+        lag=replicator.lag.lags,
+        index_bytes=store.nbytes(),
+        segments=SegmentStats(
+            growing=len(store.growing or ()),
+            sealed_rows=len(sealed) if sealed else 0,
+            sealed_dead=sealed.dead_count if sealed else 0,
+            sealed_kind=sealed.kind if sealed else None,
+            sealing=store.sealing,
+        ),
+        restored_from=replicator.restored_from,
+    )
+    return web.json_response(answer.model_dump(mode="json"))
 
 
 async def search(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ import pytest
 from proto.catalog import CatalogEvent, catalog_event_json_schema
 from proto.dlq import DeadLetter
 from proto.search import SearchRequest, SearchResponse
+from proto.stats import EncoderStats, ShardStats
 from proto.vectors import VectorRecord
 from vitrine.errors import InvalidMessage
 
@@ -222,3 +223,19 @@ def test_a_kafka_connect_envelope_is_unwrapped() -> None:
 def test_bad_json_events_are_refused_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(InvalidMessage, match=reason):
         CatalogEvent.from_wire(data)
+
+
+def test_stats_read_back_from_json_and_ignore_what_a_newer_service_adds() -> None:
+    stats = ShardStats(shard_id=1, num_shards=2, vectors=5, ready=True, partitions=[1, 3],
+                       next_offsets={1: 10, 3: 7}, lag={1: 0, 3: 2})
+    wire = json.loads(json.dumps(stats.model_dump(mode="json")))  # JSON keys are strings
+    back = ShardStats.model_validate({**wire, "added_in_a_later_release": True})
+    assert back == stats and back.total_lag == 2
+    encoder = EncoderStats.model_validate({"model_id": "m@1", "events": {"indexed": 3,
+                                                                        "deleted": 1}})
+    assert encoder.handled == 4
+
+
+def test_stats_that_are_not_a_shards_are_refused() -> None:
+    with pytest.raises(ValueError):
+        ShardStats.model_validate({"shard_id": 0})

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proto.stats import ShardStats
 from services.router.fleet import Fleet, FleetNotReady, add_fleet_routes, parse_addresses
 from services.router.replicas import ReplicaPolicy
 from services.router.settings import ShardAddress
@@ -28,7 +29,9 @@ class FakeShard:
     url: str = ""
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"shard_id": self.shard_id, "num_shards": self.num_shards})
+        stats = ShardStats(shard_id=self.shard_id, num_shards=self.num_shards, vectors=0,
+                           ready=self.ready, partitions=[])
+        return web.json_response(stats.model_dump(mode="json"))
 
     async def readyz(self, request: web.Request) -> web.Response:
         reason = None if self.ready else "replaying partition 2"
