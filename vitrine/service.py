@@ -269,10 +269,10 @@ class _JsonErrorRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; refuses a half-sent answer
-        reason = message or HTTPStatus(status).phrase
-        if status >= 500:
-            reason = "internal error"
-        response = error_response(status, reason.strip().splitlines()[0][:500])
+        phrase = HTTPStatus(status).phrase
+        lines = (message or "").strip().splitlines()
+        reason = "internal error" if status >= 500 else (lines[0][:500] if lines else phrase)
+        response = error_response(status, reason)
         response.force_close()
         return response
 

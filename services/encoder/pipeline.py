@@ -5,7 +5,7 @@ dead letter that names the stage that failed, so the loop can commit the whole b
 outcomes are acknowledged. A failure stays with its event: each per-event stage (decode,
 fetch, image, preprocess, serialise) turns any exception into that event's dead letter, and
 the one batch step, the model pass, is retried event by event when it fails, to find the
-culprit. Covered by tests/encoder/test_pipeline.py and tests/e2e/test_hostile_events.py.
+culprit. Covered by tests/encoder/test_pipeline.py and tests/encoder/test_hostile_events.py.
 """
 
 from __future__ import annotations

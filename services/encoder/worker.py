@@ -14,7 +14,7 @@ failure are told apart:
 
 A batch that runs longer than `stall_timeout_s` fails /healthz, so a hang the timeouts did not
 foresee ends in a restart, and the ledger then counts it as a try.
-Covered by tests/encoder/test_worker.py and tests/e2e/test_hostile_events.py.
+Covered by tests/encoder/test_hostile_events.py and tests/e2e/test_chaos.py.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class EncoderWorker:
         self._ledger = ledger
         self._busy_since: float | None = None
         self._backoff_s = 0.0
+        self._rewound = False
         self.totals: Counter[str] = Counter()  # outcome -> events, for /stats
         self.lag = LagTracker(consumer, metrics.lag)
 
@@ -108,6 +109,9 @@ class EncoderWorker:
             batch = [_raw(m) for m in messages if not _is_error(m)]
             if batch:
                 await self.handle(batch)
+            if self._rewound:  # the world failed us: wait before the next go (not a stall)
+                self._rewound = False
+                await asyncio.sleep(self._backoff_s)
 
     async def handle(self, batch: Sequence[RawEvent]) -> None:
         self._busy_since = time.monotonic()
@@ -167,7 +171,8 @@ class EncoderWorker:
         self._record([raw], out)
 
     async def _retry_later(self, batch: Sequence[RawEvent], exc: BaseException) -> None:
-        """Not the events' fault: forget their tries, rewind, and wait before the next go."""
+        """Not the events' fault: forget their tries, rewind; the loop waits out the backoff
+        outside the batch, so /healthz does not take an outage for a hang."""
         self._ledger.settle(batch)
         self._backoff_s = min(30.0, max(0.5, self._backoff_s * 2))
         log.warning("batch not delivered, rewinding", error=str(exc), retry_in_s=self._backoff_s)
@@ -176,7 +181,7 @@ class EncoderWorker:
             await self._consumer.call(self._rewind, batch)
         except KafkaException as rewind_error:  # e.g. the partition moved in a rebalance
             log.warning("rewind failed", error=str(rewind_error))
-        await asyncio.sleep(self._backoff_s)
+        self._rewound = True
 
     async def _process(self, batch: Sequence[RawEvent], attempts: int = 1) -> None:
         with self._metrics.batch_seconds.time():
