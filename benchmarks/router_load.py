@@ -4,7 +4,8 @@ tables; not a test).
     .venv/bin/python benchmarks/router_load.py [--vectors 200000] [--rates 10,25,50]
         [--deadline-ms 80] [--requests 300] [--max-seconds 20] [--sequential 200]
 
-1. load N clustered unit vectors (dim 384, f16) straight to catalog.vectors, metadata to Redis;
+1. load N clustered unit vectors (dim 384, f16) straight to catalog.vectors, each with its
+   product's fields (a title, an image URI), as the encoder writes them;
 2. open-loop text queries at fixed rates (cold cache: every text new; warm: repeated texts):
    client-observed p50/p95/p99/max, errors, partial answers;
 3. the same at one rate with one replica stalled (SIGSTOP for the scenario) and one killed;
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-import redis.asyncio as aioredis
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 from synthetic import clustered, near  # benchmarks/ is on sys.path when run as a script
@@ -46,7 +46,6 @@ from proto.search import SearchRequest, SearchResponse
 from proto.vectors import VectorRecord
 from services.router.merge import merge_topk
 from vitrine.kafka import partition_for, producer_config
-from vitrine.metadata import MetadataStore, ProductMetadata
 from vitrine.stack import LocalStack, StackSettings
 
 DIM = 384
@@ -103,7 +102,10 @@ def generate_and_produce(
                 pid = product_id(start + j)
                 partition = partition_for(pid, settings.vector_partitions)
                 per_shard[partition % settings.num_shards] += 1
-                record = VectorRecord.upsert(pid, 1, MODEL_ID, vec, dtype="f16")
+                record = VectorRecord.upsert(
+                    pid, 1, MODEL_ID, vec, dtype="f16", title=f"synthetic product {start + j}",
+                    image_uri=f"file:///nonexistent/{pid}.jpg",
+                )
                 while True:
                     try:
                         producer.produce(settings.vectors_topic, record.to_wire(),
@@ -118,28 +120,6 @@ def generate_and_produce(
     if remaining or failed:
         raise RuntimeError(f"{remaining} undelivered, {len(failed)} failed: {failed[:3]}")
     return vectors, per_shard
-
-
-async def write_metadata(redis_url: str, n: int, batch: int = 2000) -> None:
-    """Every product's metadata through MetadataStore.upsert (the compare-and-set Lua script),
-    queued on a pipeline and sent a batch at a time."""
-    client = aioredis.from_url(redis_url)
-    try:
-        with tqdm(total=n, desc="write metadata", unit="row", file=sys.stderr) as bar:
-            for start in range(0, n, batch):
-                pipe = client.pipeline(transaction=False)
-                store = MetadataStore(pipe)
-                for i in range(start, min(n, start + batch)):
-                    pid = product_id(i)
-                    await store.upsert(ProductMetadata(pid, 1, f"synthetic product {i}",
-                                                       f"file:///nonexistent/{pid}.jpg"))
-                await pipe.execute()
-                bar.update(min(n, start + batch) - start)
-        check = await MetadataStore(client).get_many([product_id(0), product_id(n - 1)])
-        if len(check) != 2:
-            raise RuntimeError("metadata not readable through MetadataStore.get_many")
-    finally:
-        await client.aclose()
 
 
 def get_json(url: str) -> dict:
@@ -169,7 +149,7 @@ def wait_for_shards(stack: LocalStack, per_shard: list[int], timeout_s: float) -
 
 # ---------------------------------------------------------------- router metrics
 
-STAGES = ("encode", "fanout", "merge", "hydrate")
+STAGES = ("encode", "fanout", "merge")
 
 
 async def router_counters(session: aiohttp.ClientSession, router: str) -> dict[str, float]:
@@ -455,9 +435,9 @@ async def measure(args: argparse.Namespace, stack: LocalStack, vectors: np.ndarr
         ("router, cold query cache p99 (target <= 15 ms at 1M)", f"{p(cold, 99):.2f}"),
         ("router, cold, server took_ms p50", f"{p(cold_took, 50):.2f}"),
         ("router, cold, server took_ms p99", f"{p(cold_took, 99):.2f}"),
-        ("router, warm, mean ms encode/fanout/merge/hydrate",
+        ("router, warm, mean ms encode/fanout/merge",
          "/".join(f"{warm_stages[f'{s}_ms']:.2f}" for s in STAGES)),
-        ("router, cold, mean ms encode/fanout/merge/hydrate",
+        ("router, cold, mean ms encode/fanout/merge",
          "/".join(f"{cold_stages[f'{s}_ms']:.2f}" for s in STAGES)),
         ("bad answers (non-200 / partial / empty): direct, warm, cold",
          f"{direct_bad}, {warm_bad}, {cold_bad}"),
@@ -499,16 +479,12 @@ def main() -> None:
             t = time.perf_counter()
             vectors, per_shard = generate_and_produce(stack, settings, args.vectors, args.seed)
             produce_s = time.perf_counter() - t
-            t = time.perf_counter()
-            asyncio.run(write_metadata(stack.redis_url, args.vectors))
-            meta_s = time.perf_counter() - t
             index_s = wait_for_shards(stack, per_shard, timeout_s=max(300, args.vectors / 500))
             print_header("Part 1-2: stack start and load", f"{args.vectors:,} vectors")
             print_rows([
                 ("stack start (4x2 shards, router, encoder, Tansu, Redis) s", f"{start_s:.1f}"),
                 ("produce vectors (dim 384 f16, murmur2 partition) s", f"{produce_s:.1f}"),
                 ("produce rate vec/s", f"{args.vectors / produce_s:,.0f}"),
-                ("metadata to Redis (MetadataStore.upsert, pipelined) s", f"{meta_s:.1f}"),
                 ("after that, until every replica's /stats matched s", f"{index_s:.1f}"),
                 ("vectors per shard", " ".join(map(str, per_shard))),
             ])

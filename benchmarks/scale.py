@@ -24,8 +24,9 @@ re-ranks `VITRINE_PQ_REFINE_FACTOR` x k PQ candidates exactly, the shards' defau
 alone (the default here) are what lets 10M vectors fit in this machine's memory.
 
 The dimension defaults to 384, the dimension the router's text tower produces, so the router
-can be queried; with `--dim 512` the router rows are skipped. No metadata is written to Redis:
-the router hydrates nothing and returns empty result lists, but does all of its work.
+can be queried; with `--dim 512` the router rows are skipped. Every row carries product fields
+the size of a fashion product's (`synthetic_fields`), so the memory figures include them and
+the router's answers are complete hits.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from synthetic import near
 from tqdm import tqdm
 
 from proto.search import SearchRequest, SearchResponse
+from proto.vectors import ProductFields
 from services.router.merge import merge_topk
+from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment, index_bytes, trained_faiss_index
 from services.shard.snapshot import Snapshot, write_snapshot
 from services.shard.store import StoreState
@@ -113,6 +116,21 @@ def shard_vectors(catalog: Catalog, order: np.ndarray) -> np.ndarray:
     return out
 
 
+def synthetic_fields(product: int) -> bytes:
+    """Packed fields as long as a fashion catalog's (a 30-40 character title, an image URL, the
+    CSV's nine attributes): what each row of a shard carries."""
+    colours = ("Navy Blue", "Black", "White", "Red", "Grey", "Green", "Beige", "Maroon")
+    return ProductFields(
+        title=f"Roadster Men {colours[product % 8]} Slim Fit Shirt {product}",
+        image_uri=f"https://images.example.com/catalog/{product}.jpg",
+        attributes={
+            "gender": "Men", "master_category": "Apparel", "sub_category": "Topwear",
+            "article_type": "Shirts", "colour": colours[product % 8], "season": "Summer",
+            "year": "2012", "usage": "Casual", "brand": "Roadster",
+        },
+    ).pack()
+
+
 def write_shard_snapshots(
     catalog: Catalog, blobs: list[bytes], num_shards: int, spec: IndexSpec, state_dir: Path,
     settings: CommonSettings,
@@ -136,6 +154,7 @@ def write_shard_snapshots(
             index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
             vectors=shard_vectors(catalog, order) if spec.raw_vectors else None,
             codes=np.zeros((len(ids), len(settings.filter_fields)), dtype=np.int32),
+            fields=PackedBytes.of(synthetic_fields(int(g)) for g in order),
             spec=spec, trained_on=len(ids), kind="ivf_pq",
         )
         state = StoreState(
@@ -143,7 +162,7 @@ def write_shard_snapshots(
             vocab={field: [] for field in settings.filter_fields},
             growing_ids=[], growing_vectors=np.zeros((0, index.d), dtype=np.float32),
             growing_codes=np.zeros((0, len(settings.filter_fields)), dtype=np.int32),
-            sealed=sealed, sealed_dead=np.zeros(len(ids), dtype=bool),
+            growing_fields=[], sealed=sealed, sealed_dead=np.zeros(len(ids), dtype=bool),
         )
         cut = Snapshot(state, {}, settings.vectors_topic, num_shards, shard)
         write_snapshot(state_dir / "snapshots" / f"shard-{shard}", cut)

@@ -2,6 +2,10 @@
 
 The deadline travels as a relative budget (like gRPC's timeout header) so clock skew between
 hosts cannot make a shard drop or keep work it should not.
+
+Schema versions: in 2 every hit comes with its product's fields (`proto.vectors.ProductFields`,
+packed), so the router needs nothing but the shards to answer. A shard answers in the version
+it was asked in, so during a rolling upgrade an old router still gets the answers it reads.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from proto.codec import STRICT, check_schema_version, pack, unpack, validated
 
-SEARCH_SCHEMA_VERSION = 1
+SEARCH_SCHEMA_VERSION: Literal[2] = 2
+READABLE_SEARCH_VERSIONS = (1, 2)
 MAX_K = 1000
 MAX_BATCH = 256
 
@@ -21,7 +26,7 @@ MAX_BATCH = 256
 class SearchRequest(BaseModel):
     model_config = STRICT
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = SEARCH_SCHEMA_VERSION
     queries: bytes = Field(description="float32 row-major (nq, dim)")
     nq: int = Field(ge=1, le=MAX_BATCH)
     dim: int = Field(ge=1, le=65536)
@@ -65,28 +70,39 @@ class SearchRequest(BaseModel):
     @classmethod
     def from_wire(cls, data: bytes) -> SearchRequest:
         payload = unpack(data)
-        check_schema_version(payload, SEARCH_SCHEMA_VERSION, "SearchRequest")
+        check_schema_version(payload, READABLE_SEARCH_VERSIONS, "SearchRequest")
         return validated(cls, payload)
 
 
 class SearchResponse(BaseModel):
-    """Per query, the shard's best ids and scores (best first) and how much it searched."""
+    """Per query, the shard's best ids, scores and fields (best first) and how much it
+    searched."""
 
     model_config = STRICT
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = SEARCH_SCHEMA_VERSION
     shard_id: int = Field(ge=0)
     ids: list[list[str]]
     scores: list[list[float]]
+    fields: list[list[bytes]] = Field(
+        default_factory=list,
+        description="v2: per hit, its packed ProductFields (b'': none known); v1: absent",
+    )
     searched: int = Field(ge=0, description="Vectors this shard searched")
 
     @model_validator(mode="after")
     def _aligned(self) -> SearchResponse:
-        if len(self.ids) != len(self.scores) or any(
-            len(i) != len(s) for i, s in zip(self.ids, self.scores, strict=True)
-        ):
-            raise ValueError("ids and scores must have the same shape")
+        shapes = [[len(row) for row in self.ids], [len(row) for row in self.scores]]
+        if self.schema_version >= 2:
+            shapes.append([len(row) for row in self.fields])
+        elif self.fields:
+            raise ValueError("a version 1 answer carries no fields")
+        if any(shape != shapes[0] for shape in shapes):
+            raise ValueError("ids, scores and fields must have the same shape")
         return self
+
+    def fields_of(self, query: int, hit: int) -> bytes:
+        return self.fields[query][hit] if self.fields else b""
 
     def to_wire(self) -> bytes:
         return pack(self.model_dump())
@@ -94,5 +110,5 @@ class SearchResponse(BaseModel):
     @classmethod
     def from_wire(cls, data: bytes) -> SearchResponse:
         payload = unpack(data)
-        check_schema_version(payload, SEARCH_SCHEMA_VERSION, "SearchResponse")
+        check_schema_version(payload, READABLE_SEARCH_VERSIONS, "SearchResponse")
         return validated(cls, payload)

@@ -34,6 +34,9 @@ class Hit(BaseModel):
     score: float = Field(description="Cosine of the query and the product vectors")
     title: str
     image_uri: str
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="The product's attributes, as its latest event gave"
+    )
 
 
 class Coverage(BaseModel):
@@ -54,6 +57,11 @@ class SearchAnswer(BaseModel):
     results: list[Hit] = Field(description="Best first")
     partial: bool = Field(description="Some shard did not answer within the deadline")
     missing_shards: list[int]
+    partial_reason: str | None = Field(
+        default=None,
+        description="Why the answer is partial: each missing shard with its reason, or the "
+        "router's own query encoding when it spent the whole budget",
+    )
     coverage: Coverage
     took_ms: float = Field(ge=0)
 

@@ -1,26 +1,64 @@
-"""`VectorRecord` on `catalog.vectors`: the latest embedding of a product, key = product_id.
+"""`VectorRecord` on `catalog.vectors`: the latest embedding of a product and what a hit shows
+of it, key = product_id.
 
-The topic is log-compacted in production, so replaying it rebuilds any shard. A delete is a
-tombstone record (op="delete", no vector) so it wins over older upserts during a replay.
+The topic is log-compacted in production, so replaying it rebuilds any shard, fields and all:
+it is the only home of a product's title, image and attributes (no side store to lose). A
+delete is a tombstone record (op="delete", no vector) so it wins over older upserts during a
+replay.
+
+Schema versions: 2 adds `title` and `image_uri`. Version 1 records (written before) still
+read, with both empty: their products stay searchable and show their fields once their next
+event is encoded.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import msgpack
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from proto.catalog import MAX_IMAGE_URI_CHARS, MAX_TITLE_CHARS
 from proto.codec import MAX_VERSION, STRICT, check_schema_version, pack, unpack, validated
+from proto.errors import InvalidMessage
 
-VECTOR_RECORD_SCHEMA_VERSION = 1
+VECTOR_RECORD_SCHEMA_VERSION: Literal[2] = 2
+READABLE_VECTOR_RECORD_VERSIONS = (1, 2)
 _DTYPES = {"f16": np.float16, "f32": np.float32}
+
+
+class ProductFields(BaseModel):
+    """What a hit shows and filters on. Shards keep it packed (`pack`) beside the vector and
+    send it back as is; only the router unpacks it, for the hits that make the answer."""
+
+    model_config = STRICT
+
+    title: str = ""
+    image_uri: str = ""
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+    def pack(self) -> bytes:
+        """A msgpack array [title, image_uri, attributes]: no key names repeated per product."""
+        return msgpack.packb([self.title, self.image_uri, self.attributes], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ProductFields:
+        """The fields `pack` wrote; empty bytes (a shard's row from a v1 record) is no fields."""
+        if not data:
+            return cls()
+        try:
+            title, image_uri, attributes = msgpack.unpackb(data, raw=False)
+            return cls(title=title, image_uri=image_uri, attributes=attributes)
+        except Exception as exc:  # any bytes: an answer or InvalidMessage, as in proto.codec
+            raise InvalidMessage(f"product fields are not [title, image_uri, attributes]: "
+                                 f"{type(exc).__name__}") from exc
 
 
 class VectorRecord(BaseModel):
     model_config = STRICT
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = VECTOR_RECORD_SCHEMA_VERSION
     op: Literal["upsert", "delete"]
     product_id: str = Field(min_length=1, max_length=128)
     version: int = Field(ge=0, le=MAX_VERSION)
@@ -35,6 +73,8 @@ class VectorRecord(BaseModel):
     attributes: dict[str, str] = Field(
         default_factory=dict, description="The event's attributes: what shards filter on"
     )
+    title: str = Field(default="", max_length=MAX_TITLE_CHARS)
+    image_uri: str = Field(default="", max_length=MAX_IMAGE_URI_CHARS)
 
     @model_validator(mode="after")
     def _vector_matches_dim(self) -> VectorRecord:
@@ -58,12 +98,15 @@ class VectorRecord(BaseModel):
         dtype: Literal["f16", "f32"] = "f32",
         event_time_ms: int = 0,
         attributes: dict[str, str] | None = None,
+        title: str = "",
+        image_uri: str = "",
     ) -> VectorRecord:
         data = np.ascontiguousarray(vector, dtype=_DTYPES[dtype]).reshape(-1)
         return cls(
             op="upsert", product_id=product_id, version=version, model_id=model_id,
             dim=int(data.shape[0]), dtype=dtype, vector=data.tobytes(),
             event_time_ms=event_time_ms, attributes=attributes or {},
+            title=title, image_uri=image_uri,
         )
 
     @classmethod
@@ -79,11 +122,15 @@ class VectorRecord(BaseModel):
         """The vector as float32, whatever its wire precision."""
         return np.frombuffer(self.vector, dtype=_DTYPES[self.dtype]).astype(np.float32)
 
+    def fields(self) -> ProductFields:
+        return ProductFields(title=self.title, image_uri=self.image_uri,
+                             attributes=self.attributes)
+
     def to_wire(self) -> bytes:
         return pack(self.model_dump())
 
     @classmethod
     def from_wire(cls, data: bytes) -> VectorRecord:
         payload = unpack(data)
-        check_schema_version(payload, VECTOR_RECORD_SCHEMA_VERSION, "VectorRecord")
+        check_schema_version(payload, READABLE_VECTOR_RECORD_VERSIONS, "VectorRecord")
         return validated(cls, payload)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import hypothesis
+import hypothesis.strategies
 import pytest
 
 from vitrine.stack import LocalStack, StackSettings
@@ -69,3 +70,7 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.load_profile("vitrine")
+# Import hypothesis' lazily loaded strategy modules now, at a shallow stack: pytest rewrites
+# them on import, and CPython 3.11.7's AST constructor can fail with "recursion depth
+# mismatch" (gh-106905, fixed in 3.11.8) when that rewrite happens deep inside a test.
+hypothesis.strategies.integers().flatmap(hypothesis.strategies.just).validate()

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto.catalog import CatalogEvent
 from proto.dlq import DeadLetter
-from vitrine.kafka import consumer_config
+from vitrine.kafka import consumer_config, partition_for
 
 T = TypeVar("T")
 
@@ -130,9 +130,32 @@ def script(events: list[CatalogEvent]) -> list[CatalogEvent]:
     return stream
 
 
-def expected_content(stream: list[CatalogEvent]) -> dict[str, int]:
+def latest_events(stream: list[CatalogEvent]) -> dict[str, CatalogEvent]:
     latest: dict[str, CatalogEvent] = {}
     for event in stream:
         if event.product_id not in latest or event.version > latest[event.product_id].version:
             latest[event.product_id] = event
-    return {pid: e.version for pid, e in latest.items() if e.op == "upsert"}
+    return latest
+
+
+def expected_content(stream: list[CatalogEvent]) -> dict[str, int]:
+    return {pid: e.version for pid, e in latest_events(stream).items() if e.op == "upsert"}
+
+
+def assert_shards_show_latest_fields(
+    shard_urls: list[str], partitions: int, stream: list[CatalogEvent]
+) -> None:
+    """Each product's owning shard shows the fields of its latest event; deleted ones 404."""
+    wrong = []
+    for pid, event in latest_events(stream).items():
+        owner = shard_urls[partition_for(pid, partitions) % len(shard_urls)]
+        status, held = http_json(f"{owner}/products/{pid}")
+        if event.op == "delete":
+            if status != 404:
+                wrong.append((pid, "deleted, still held", status))
+            continue
+        want = {"product_id": pid, "version": event.version, "title": event.title,
+                "image_uri": event.image_uri, "attributes": event.attributes}
+        if (status, held) != (200, want):
+            wrong.append((pid, want, held))
+    assert not wrong, wrong[:5]

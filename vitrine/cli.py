@@ -48,7 +48,8 @@ def up(
     control = ControlServer(stack)  # `vitrine reshard` asks this process to do it
     control.start()
     typer.echo(f"Vitrine is up: {stack.router_url}/search?q=red+shoes  (Ctrl-C to stop)")
-    typer.echo(f"broker {stack.kafka_bootstrap}  redis {stack.redis_url}  logs {stack.log_dir}")
+    cache = stack.redis_url or "none (in-process query cache only)"
+    typer.echo(f"broker {stack.kafka_bootstrap}  query cache {cache}  logs {stack.log_dir}")
     _wait_for_signal()
     typer.echo("stopping...")
     control.stop()

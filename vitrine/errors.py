@@ -7,7 +7,7 @@ from proto.errors import InvalidMessage, VitrineError
 
 __all__ = [
     "ImageRejected", "ImageUnavailable", "InvalidMessage", "InvalidQuery", "ModelSpecError",
-    "ProductNotFound", "VitrineError",
+    "ProductNotFound", "ShardsUnavailable", "VitrineError",
 ]
 
 
@@ -37,3 +37,9 @@ class ImageUnavailable(VitrineError):
 
 class ModelSpecError(VitrineError):
     """A model spec that names no architecture or weights we can load."""
+
+
+class ShardsUnavailable(VitrineError):
+    """No replica of the shard that owns the data answered: try again shortly."""
+
+    http_status = 503

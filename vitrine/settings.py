@@ -28,7 +28,6 @@ class CommonSettings(BaseSettings):
     kafka_bootstrap: str = Field(
         default="127.0.0.1:9092", description="bootstrap.servers of the Kafka cluster"
     )
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="product metadata")
     events_topic: str = "catalog.events"
     vectors_topic: str = "catalog.vectors"
     dlq_topic: str = "catalog.events.dlq"

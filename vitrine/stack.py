@@ -44,7 +44,13 @@ log = structlog.get_logger()
 
 class StackSettings(CommonSettings):
     kafka_bootstrap: str | None = Field(default=None, description="unset: start embedded Tansu")  # type: ignore[assignment]
-    redis_url: str | None = Field(default=None, description="unset: start a redis-server")  # type: ignore[assignment]
+    redis_url: str | None = Field(
+        default=None, description="the router's query cache; unset: start a redis-server"
+    )
+    redis_cache_mb: int = Field(
+        default=128, ge=0,
+        description="maxmemory of that redis-server (LRU: it only caches); 0: no Redis at all",
+    )
     router_port: int = Field(default=8080, ge=0, le=65535, description="0: any free port")
     num_shards: int = Field(default=2, ge=1)
     shard_replicas: int = Field(default=1, ge=1, description="processes serving each shard")
@@ -187,7 +193,7 @@ class LocalStack:
                                  "--advertised-listener-url", url], {}, None)
             self.start_child("broker", wait=False)
             _wait_for_port(port, self.settings.start_timeout_s, self.children["broker"])
-        if not self.redis_url:
+        if not self.redis_url and self.settings.redis_cache_mb:
             server = shutil.which("redis-server")
             if server is None:
                 raise VitrineError("redis-server not found: run `make setup` (installs it)")
@@ -195,6 +201,8 @@ class LocalStack:
             self.redis_url = f"redis://127.0.0.1:{port}/0"
             self._add("redis", [server, "--port", str(port), "--bind", "127.0.0.1",
                                 "--save", "", "--appendonly", "no",
+                                "--maxmemory", f"{self.settings.redis_cache_mb}mb",
+                                "--maxmemory-policy", "allkeys-lru",
                                 "--dir", str(self.settings.state_dir)], {}, None)
             self.start_child("redis", wait=False)
             _wait_for_port(port, self.settings.start_timeout_s, self.children["redis"])
@@ -251,7 +259,8 @@ class LocalStack:
             processes = self.settings.num_shards * self.settings.shard_replicas + 2
             env["VITRINE_COMPUTE_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         env["VITRINE_KAFKA_BOOTSTRAP"] = self.kafka_bootstrap
-        env["VITRINE_REDIS_URL"] = self.redis_url
+        if self.redis_url:
+            env["VITRINE_REDIS_URL"] = self.redis_url
         env["VITRINE_DEADLINE_MS"] = str(self.settings.deadline_ms)
         return {**env, **self.settings.service_env}
 

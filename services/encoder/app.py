@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from confluent_kafka import Consumer, Producer
@@ -19,7 +18,6 @@ from services.encoder.settings import EncoderSettings
 from services.encoder.worker import EncoderWorker
 from vitrine.fetch import ImageFetcher, make_session
 from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics, producer_config
-from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
 from vitrine.service import READINESS, REGISTRY, background, base_app, limit_compute_threads
 
@@ -27,7 +25,6 @@ log = structlog.get_logger()
 
 SETTINGS = web.AppKey("settings", EncoderSettings)
 MODEL = web.AppKey("model", DualEncoder)
-METADATA = web.AppKey("metadata", MetadataStore)
 FETCHER = web.AppKey("fetcher", ImageFetcher)
 WORKER = web.AppKey("worker", EncoderWorker)
 
@@ -35,7 +32,7 @@ WORKER = web.AppKey("worker", EncoderWorker)
 async def create_app(settings: EncoderSettings) -> web.Application:
     app = base_app("encoder")
     app[SETTINGS] = settings
-    app.cleanup_ctx.extend([_model, _redis, _http, _worker])
+    app.cleanup_ctx.extend([_model, _http, _worker])
     app.router.add_get("/stats", stats)
     return app
 
@@ -61,13 +58,6 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
              device=str(app[MODEL].device), precision=app[MODEL].precision)
     yield
     app[MODEL].close()
-
-
-async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = aioredis.from_url(app[SETTINGS].redis_url)
-    app[METADATA] = MetadataStore(client)
-    yield
-    await client.aclose()
 
 
 async def _http(app: web.Application) -> AsyncIterator[None]:
@@ -102,7 +92,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         limits=limits,
     )
     worker = EncoderWorker(
-        settings, consumer, producer, transform, app[METADATA], EncoderMetrics(app[REGISTRY]),
+        settings, consumer, producer, transform, EncoderMetrics(app[REGISTRY]),
         AttemptLedger(settings.attempts_file()),
     )
     app[WORKER] = worker

@@ -26,7 +26,6 @@ from proto.dlq import MAX_ORIGINAL_BYTES, DeadLetter, Stage
 from proto.vectors import VectorRecord
 from vitrine.errors import InvalidMessage, VitrineError
 from vitrine.images import decode_image
-from vitrine.metadata import ProductMetadata
 from vitrine.model import product_text
 
 log = structlog.get_logger()
@@ -49,13 +48,13 @@ class RawEvent:
 
 @dataclass(frozen=True)
 class Publication:
-    """A vector record ready for `catalog.vectors`, with what the router shows for it."""
+    """A vector record ready for `catalog.vectors`: the product's vector and fields, or its
+    tombstone."""
 
     raw: RawEvent
     product_id: str
     record: bytes
-    metadata: ProductMetadata | None = None  # an upsert's title, image and attributes
-    deleted_version: int | None = None  # a delete's version, for the metadata tombstone
+    deleted: bool = False
 
 
 @dataclass
@@ -227,22 +226,16 @@ class EventTransform:
             record = VectorRecord.upsert(
                 event.product_id, event.version, self._model_id, vector,
                 self._limits.vector_dtype, event_time_ms=item.raw.timestamp_ms,
-                attributes=event.attributes,
+                attributes=event.attributes, title=event.title, image_uri=event.image_uri or "",
             )
-            metadata = ProductMetadata(
-                product_id=event.product_id, version=event.version, title=event.title,
-                image_uri=event.image_uri or "", attributes=dict(event.attributes),
-            )
-            return Publication(item.raw, event.product_id, self._fits(record), metadata=metadata)
+            return Publication(item.raw, event.product_id, self._fits(record))
 
     def _tombstone(self, raw: RawEvent, event: CatalogEvent) -> Publication:
         with stage("serialise"):
             record = VectorRecord.tombstone(
                 event.product_id, event.version, self._model_id, raw.timestamp_ms
             )
-            return Publication(
-                raw, event.product_id, self._fits(record), deleted_version=event.version
-            )
+            return Publication(raw, event.product_id, self._fits(record), deleted=True)
 
     def _fits(self, record: VectorRecord) -> bytes:
         wire = record.to_wire()

@@ -1,10 +1,10 @@
 """The encoder's Kafka loop: consume a batch, transform, publish, and only then commit.
 
-At-least-once: vector records go to Kafka and metadata to Redis first; offsets are committed
-only after every produced record (vectors and dead letters) is acknowledged. Two kinds of
-failure are told apart:
+At-least-once: vector records (each a product's vector and the fields its hits show) go to
+Kafka first; offsets are committed only after every produced record (vectors and dead letters)
+is acknowledged. Two kinds of failure are told apart:
 
-- the world's (the broker or Redis unreachable, a commit refused): nothing is committed, the
+- the world's (the broker unreachable, a commit refused): nothing is committed, the
   batch is rewound and tried again after a backoff; idempotent apply downstream absorbs the
   repeat, and no event is blamed;
 - an event's: the transform dead-letters it with its stage and the rest of the batch goes on.
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
-from redis.exceptions import RedisError
 
 from proto.dlq import DeadLetter
 from services.encoder.attempts import AttemptLedger, position
@@ -35,7 +34,6 @@ from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import BatchOutput, EventTransform, Publication, RawEvent
 from services.encoder.settings import EncoderSettings
 from vitrine.kafka import AsyncConsumer, LagTracker, partition_for
-from vitrine.metadata import MetadataStore
 
 log = structlog.get_logger()
 
@@ -53,7 +51,7 @@ class DeliveryFailed(Exception):
     """The broker did not acknowledge everything: the batch is tried again, nobody blamed."""
 
 
-INFRASTRUCTURE = (DeliveryFailed, RedisError, KafkaException)
+INFRASTRUCTURE = (DeliveryFailed, KafkaException)
 DeliveryReport = Callable[[KafkaError | None, Message], None]
 
 
@@ -72,7 +70,6 @@ class EncoderWorker:
         consumer: AsyncConsumer,
         producer: Producer,
         transform: EventTransform,
-        metadata: MetadataStore,
         metrics: EncoderMetrics,
         ledger: AttemptLedger,
     ) -> None:
@@ -80,7 +77,6 @@ class EncoderWorker:
         self._consumer = consumer
         self._producer = producer
         self._transform = transform
-        self._metadata = metadata
         self._metrics = metrics
         self._ledger = ledger
         self._busy_since: float | None = None
@@ -191,16 +187,14 @@ class EncoderWorker:
         self._record(batch, out)
 
     async def _publish(self, out: BatchOutput) -> None:
-        """Vectors, then metadata for the ones the broker took, then dead letters. A vector
-        record refused for good (too large, invalid) is dead-lettered in its place, so nothing
-        is written to Redis for it."""
+        """Vectors, then dead letters. A vector record refused for good (too large, invalid)
+        is dead-lettered in its place."""
         refused = await self._produce([self._vector_message(p) for p in out.published])
         for index, error in refused.items():
             publication = out.published[index]
             out.refuse(publication.raw, "produce", f"the broker refused the vector record: {error}")
         delivered = [p for i, p in enumerate(out.published) if i not in refused]
         out.published = delivered
-        await self._write_metadata(delivered)
         letters = [self._letter_message(letter) for letter in out.dead_letters]
         refused = await self._produce(letters)
         if refused:  # even a bounded letter was too large for this broker: send the bare facts
@@ -264,16 +258,6 @@ class EncoderWorker:
                 raise
         raise DeliveryFailed("the producer queue stayed full")
 
-    async def _write_metadata(self, published: list[Publication]) -> None:
-        await asyncio.gather(
-            *(self._metadata.upsert(p.metadata) for p in published if p.metadata),
-            *(
-                self._metadata.delete(p.product_id, p.deleted_version)
-                for p in published
-                if p.deleted_version is not None
-            ),
-        )
-
     def _commit(self, batch: Sequence[RawEvent]) -> None:
         self._consumer.consumer.commit(offsets=_next_offsets(batch), asynchronous=False)
 
@@ -288,8 +272,8 @@ class EncoderWorker:
     def _record(self, batch: Sequence[RawEvent], out: BatchOutput) -> None:
         self._metrics.batch_size.observe(len(batch))
         outcomes = {
-            "indexed": sum(p.metadata is not None for p in out.published),
-            "deleted": sum(p.deleted_version is not None for p in out.published),
+            "indexed": sum(not p.deleted for p in out.published),
+            "deleted": sum(p.deleted for p in out.published),
             "dead_lettered": len(out.dead_letters),
         }
         for outcome, count in outcomes.items():

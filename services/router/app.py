@@ -1,4 +1,5 @@
-"""Router service: the storefront's search API. Encode, fan out, merge, hydrate."""
+"""Router service: the storefront's search API. Encode, fan out, merge: the shards' hits carry
+their products, so an answer needs nothing but the shards (Redis only caches query vectors)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ from aiohttp import web
 
 from proto.search import SearchRequest
 from proto.storefront import Coverage, Hit, SearchAnswer
+from proto.vectors import ProductFields
 from services.router.encoding import QueryEncoder
 from services.router.fanout import fan_out
 from services.router.fleet import FLEET, Fleet, add_fleet_routes
-from services.router.merge import merge_topk
+from services.router.merge import Merged, merge_topk
 from services.router.metrics import EncodingMetrics, RouterMetrics
 from services.router.openapi import openapi_document
+from services.router.products import ProductLookup
 from services.router.query import Query, budget_ms, query_from_body, query_from_params
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
-from vitrine.errors import InvalidQuery
+from vitrine.errors import InvalidMessage, InvalidQuery
 from vitrine.fetch import ImageFetcher, make_session
-from vitrine.metadata import MetadataStore
 from vitrine.model import DualEncoder, load_dual_encoder
 from vitrine.service import (
     READINESS,
@@ -40,7 +42,6 @@ log = structlog.get_logger()
 
 SETTINGS = web.AppKey("settings", RouterSettings)
 MODEL = web.AppKey("model", DualEncoder)
-METADATA = web.AppKey("metadata", MetadataStore)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
 QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
@@ -53,7 +54,7 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app[METRICS] = RouterMetrics(app[REGISTRY])
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     add_fleet_routes(app, Fleet(settings.shard_urls, settings.replica_policy()), token)
-    app.cleanup_ctx.extend([_model, _query_encoder, _redis, _shard_session, _image_session])
+    app.cleanup_ctx.extend([_model, _query_encoder, _shard_session, _image_session])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
     app[OPENAPI] = openapi_document(settings, service_version())
@@ -82,42 +83,58 @@ async def answer(request: web.Request, query: Query, started: float) -> SearchAn
     """One deadline end to end: encoding spends from it and the shards get what is left."""
     app = request.app
     settings, metrics = app[SETTINGS], app[METRICS]
-    deadline = started + budget_ms(request, settings) / 1000
+    budget = budget_ms(request, settings)
+    deadline = started + budget / 1000
     with metrics.stage_seconds.labels("encode").time():
         vector = await _encode(app[QUERY_ENCODER], query)
-    left_ms = max(1.0, (deadline - time.monotonic()) * 1000)
+    encoded = time.monotonic()
+    fleet = app[FLEET].current  # one fleet per answer: a re-shard never splits a query
+    sizes = fleet.sizes
+    if encoded >= deadline:  # nothing left to give the shards: say whose time it was
+        metrics.encode_overruns.inc()
+        metrics.queries.labels(query.kind, "false").inc()
+        spent = (encoded - started) * 1000
+        return SearchAnswer(
+            results=[], partial=True, missing_shards=[],
+            partial_reason=f"query encoding took {spent:.0f} ms of the {budget:g} ms budget: "
+                           "no time was left to ask the shards",
+            coverage=coverage(0, fleet.num_shards, 0, sizes),
+            took_ms=round(spent, 3),
+        )
     shard_query = SearchRequest.build(
-        vector, query.k, left_ms, request_id(request), query.filters
+        vector, query.k, (deadline - encoded) * 1000, request_id(request), query.filters
     )
     with metrics.stage_seconds.labels("fanout").time():
-        fleet = app[FLEET].current  # one fleet per answer: a re-shard never splits a query
         fanned = await fan_out(app[SHARDS], fleet.replicas, shard_query, deadline, metrics)
     with metrics.stage_seconds.labels("merge").time():
-        hits = merge_topk(fanned.responses, query.k)
-    with metrics.stage_seconds.labels("hydrate").time():
-        found = await app[METADATA].get_many([hit.product_id for hit in hits])
+        hits = [_hit(merged) for merged in merge_topk(fanned.responses, query.k)]
     for shard in fanned.missing:
         metrics.shard_failures.labels(str(shard)).inc()
-    sizes = fleet.sizes
     sizes.update({r.shard_id: r.searched for r in fanned.responses})
     searched = sum(r.searched for r in fanned.responses)
     partial = bool(fanned.missing)
-    metrics.queries.labels("text" if query.text else "image", str(not partial).lower()).inc()
+    metrics.queries.labels(query.kind, str(not partial).lower()).inc()
     return SearchAnswer(
-        results=[
-            Hit(
-                product_id=hit.product_id,
-                score=round(hit.score, 6),
-                title=found[hit.product_id].title,
-                image_uri=found[hit.product_id].image_uri,
-            )
-            for hit in hits
-            if hit.product_id in found  # deleted since the shard last heard: drop it
-        ],
+        results=hits,
         partial=partial,
         missing_shards=sorted(fanned.missing),
+        partial_reason="; ".join(
+            f"shard {shard}: {why}" for shard, why in sorted(fanned.missing.items())
+        ) or None,
         coverage=coverage(len(fanned.responses), fleet.num_shards, searched, sizes),
         took_ms=round((time.monotonic() - started) * 1000, 3),
+    )
+
+
+def _hit(merged: Merged) -> Hit:
+    try:
+        fields = ProductFields.unpack(merged.fields)
+    except InvalidMessage as exc:  # a shard's bug: the hit still counts, without its fields
+        log.warning("unreadable product fields", product_id=merged.product_id, reason=str(exc))
+        fields = ProductFields()
+    return Hit(
+        product_id=merged.product_id, score=round(merged.score, 6), title=fields.title,
+        image_uri=fields.image_uri, attributes=fields.attributes,
     )
 
 
@@ -160,21 +177,16 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _query_encoder(app: web.Application) -> AsyncIterator[None]:
-    """Text query encoding, with its own Redis client: the cache is optional, metadata is not."""
+    """Text query encoding, with the shared query-vector cache in Redis where one is set:
+    only ever an optimisation (services/router/encoding.py)."""
     settings = app[SETTINGS]
-    client = aioredis.from_url(settings.redis_url)
+    client = aioredis.from_url(settings.redis_url) if settings.redis_url else None
     encoder = QueryEncoder(app[MODEL], client, settings, EncodingMetrics(app[REGISTRY]))
     app[QUERY_ENCODER] = encoder
     yield
     await encoder.aclose()
-    await client.aclose()
-
-
-async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = aioredis.from_url(app[SETTINGS].redis_url)
-    app[METADATA] = MetadataStore(client)
-    yield
-    await client.aclose()
+    if client is not None:
+        await client.aclose()
 
 
 async def _shard_session(app: web.Application) -> AsyncIterator[None]:
@@ -186,7 +198,11 @@ async def _shard_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _image_session(app: web.Application) -> AsyncIterator[None]:
     """Product images for the storefront, fetched under the encoder's rules."""
-    policy = app[SETTINGS].fetch_policy()
+    settings = app[SETTINGS]
+    policy = settings.fetch_policy()
+    products = ProductLookup(
+        app[SHARDS], app[FLEET], settings.vector_partitions, settings.fetch_timeout_s
+    )
     async with make_session(policy) as session:
-        app[PRODUCT_IMAGES] = ProductImages(app[METADATA], ImageFetcher(policy, session))
+        app[PRODUCT_IMAGES] = ProductImages(products, ImageFetcher(policy, session))
         yield

@@ -10,18 +10,20 @@ from proto.search import SearchResponse
 
 
 @dataclass(frozen=True)
-class Hit:
+class Merged:
     product_id: str
     score: float
     shard_id: int
+    fields: bytes  # packed ProductFields, as the shard holds them
 
 
-def merge_topk(responses: Iterable[SearchResponse], k: int, query: int = 0) -> list[Hit]:
+def merge_topk(responses: Iterable[SearchResponse], k: int, query: int = 0) -> list[Merged]:
     """Best k hits of one query over all shards; a product seen twice (e.g. mid re-shard)
     keeps its best score."""
-    best: dict[str, Hit] = {}
+    best: dict[str, Merged] = {}
     for response in responses:
-        for pid, score in zip(response.ids[query], response.scores[query], strict=True):
+        scored = zip(response.ids[query], response.scores[query], strict=True)
+        for i, (pid, score) in enumerate(scored):
             if pid not in best or score > best[pid].score:
-                best[pid] = Hit(pid, score, response.shard_id)
+                best[pid] = Merged(pid, score, response.shard_id, response.fields_of(query, i))
     return heapq.nlargest(k, best.values(), key=lambda hit: (hit.score, hit.product_id))

@@ -25,6 +25,11 @@ class RouterMetrics:
             "vitrine_router_shard_failures_total", "Shards missing from an answer",
             ["shard"], registry=registry,
         )
+        self.encode_overruns = Counter(
+            "vitrine_router_encode_overruns_total",
+            "Queries whose encoding spent the whole budget (no shard was asked)",
+            registry=registry,
+        )
         # replicas (services/router/fanout.py): label `replica` is the index within its shard
         self.replica_requests = Counter(
             "vitrine_router_replica_requests_total",

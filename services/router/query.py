@@ -32,6 +32,10 @@ class Query:
     image: Image.Image | None = None
     filters: dict[str, list[str]] = field(default_factory=dict)
 
+    @property
+    def kind(self) -> str:
+        return "text" if self.text is not None else "image"
+
 
 SEARCH_PARAMS = ("q", "k", "budget_ms")  # GET /search takes these and the filter fields
 BODY_FIELDS = ("text", "image_b64", "k", "filters")

@@ -63,6 +63,11 @@ class RouterSettings(CommonSettings):
         default=15.0, ge=0, description="hedge delay before a replica has a p95 of its own"
     )
     # query encoding (services/router/encoding.py): text-vector cache and micro-batching
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the query-vector cache the router replicas share; only a cache "
+        "(losing it costs latency, never results); unset: in-process cache only",
+    )
     query_cache_entries: int = Field(
         default=10_000, ge=0, description="in-process LRU of text query vectors (0: off)"
     )

@@ -17,10 +17,10 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from proto.catalog import MAX_PRODUCT_ID_LEN, CatalogEvent
+from services.router.products import ProductLookup
 from vitrine.errors import ImageRejected, ImageUnavailable, InvalidQuery, ProductNotFound
 from vitrine.fetch import ImageFetcher
 from vitrine.images import ACCEPTED_FORMATS, image_content_type
-from vitrine.metadata import MetadataStore
 
 STATIC_DIR = Path(__file__).parent / "static"
 # a product's image can change with an update: let browsers reuse it briefly, not for days
@@ -53,18 +53,19 @@ def parse_product_id(raw: str) -> str:
 
 
 class ProductImages:
-    """A product id -> its image bytes: metadata from Redis, bytes through the safe fetcher."""
+    """A product id -> its image bytes: the image_uri from the owning shard, the bytes
+    through the safe fetcher."""
 
-    def __init__(self, metadata: MetadataStore, fetcher: ImageFetcher) -> None:
-        self._metadata = metadata
+    def __init__(self, products: ProductLookup, fetcher: ImageFetcher) -> None:
+        self._products = products
         self._fetcher = fetcher
 
     async def get(self, product_id: str) -> ProductImage:
-        found = await self._metadata.get_many([product_id])
-        if product_id not in found:
-            raise ProductNotFound(f"no product {product_id!r}")
+        fields = await self._products.get(product_id)
+        if not fields.image_uri:  # a product known only from a version 1 record
+            raise ProductNotFound(f"product {product_id!r} has no image_uri yet")
         try:
-            data = await self._fetcher.fetch(found[product_id].image_uri)
+            data = await self._fetcher.fetch(fields.image_uri)
         except ImageRejected as exc:
             # the reason names internal hosts and paths: it goes to the log, not to shoppers
             log.warning("product image unavailable", product_id=product_id, reason=str(exc))

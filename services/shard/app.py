@@ -13,11 +13,13 @@ from confluent_kafka import Consumer
 
 from proto.search import SearchRequest, SearchResponse
 from proto.stats import SegmentStats, ShardStats
+from proto.vectors import ProductFields
 from services.shard.batching import QueryBatcher
 from services.shard.metrics import ShardMetrics
 from services.shard.replicator import VectorReplicator
 from services.shard.settings import ShardSettings
 from services.shard.store import ShardStore
+from vitrine.errors import ProductNotFound
 from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics
 from vitrine.service import READINESS, REGISTRY, background, base_app, limit_compute_threads
 
@@ -45,7 +47,23 @@ async def create_app(settings: ShardSettings) -> web.Application:
     app.router.add_post("/search", search)
     app.router.add_get("/stats", stats)
     app.router.add_get("/content", content)
+    app.router.add_get("/products/{product_id}", product)
     return app
+
+
+async def product(request: web.Request) -> web.Response:
+    """One live product as this shard holds it (what its hits show): for the router's images
+    and for operators checking a product against the log."""
+    product_id = request.match_info["product_id"]
+    found = request.app[STORE].product(product_id)
+    if found is None:
+        raise ProductNotFound(f"shard {request.app[SETTINGS].shard_id} holds no product "
+                              f"{product_id[:128]!r}")
+    version, fields = found
+    return web.json_response(
+        {"product_id": product_id, "version": version}
+        | ProductFields.unpack(fields).model_dump()
+    )
 
 
 async def content(request: web.Request) -> web.Response:
@@ -88,12 +106,14 @@ async def search(request: web.Request) -> web.Response:
     if not app[READINESS].ready:
         raise web.HTTPServiceUnavailable(text=f"shard not ready: {app[READINESS].reason}")
     _drop_if_expired(app, arrived, query.budget_ms)
-    scores, ids = await app[BATCHER].search(query.query_matrix(), query.k, query.filters)
+    hits = await app[BATCHER].search(query.query_matrix(), query.k, query.filters)
     _drop_if_expired(app, arrived, query.budget_ms)
-    answer = SearchResponse(
+    answer = SearchResponse(  # in the version asked: a router of the release before reads v1
+        schema_version=query.schema_version,
         shard_id=app[SETTINGS].shard_id,
-        ids=ids,
-        scores=scores,
+        ids=hits.ids,
+        scores=hits.scores,
+        fields=hits.fields if query.schema_version >= 2 else [],
         searched=len(app[STORE]),
     )
     return web.Response(body=answer.to_wire(), content_type=MSGPACK)

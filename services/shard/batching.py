@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.shard.store import Hits
+
 Filters = Mapping[str, Sequence[str]]
-Hits = tuple[list[list[float]], list[list[str]]]
 SearchFn = Callable[[np.ndarray, int, Filters | None], Hits]
 
 
@@ -75,7 +76,7 @@ class QueryBatcher:
         queries = np.concatenate([item.queries for item in live])
         started = asyncio.get_running_loop().time()
         try:
-            scores, ids = self._search(queries, max(item.k for item in live), filters)
+            hits = self._search(queries, max(item.k for item in live), filters)
         except Exception as exc:  # the same error for every request of the batch
             for item in live:
                 item.future.set_exception(exc)
@@ -85,8 +86,9 @@ class QueryBatcher:
         start = 0
         for item in live:
             stop = start + len(item.queries)
-            item.future.set_result((
-                [row[: item.k] for row in scores[start:stop]],
-                [row[: item.k] for row in ids[start:stop]],
+            item.future.set_result(Hits(
+                [row[: item.k] for row in hits.scores[start:stop]],
+                [row[: item.k] for row in hits.ids[start:stop]],
+                [row[: item.k] for row in hits.fields[start:stop]],
             ))
             start = stop

@@ -3,7 +3,8 @@
 Owning the storage makes upsert and delete O(1) (swap-remove), which no FAISS GPU index offers,
 while the scan itself is FAISS's brute-force kNN: `faiss.knn` on CPU, `faiss.knn_gpu` when the
 installed FAISS sees a GPU. Each row carries its attribute codes so filters apply before the
-top-k. Covered by tests/shard/test_index.py.
+top-k, and its product's packed fields (what a hit shows). Covered by
+tests/shard/test_index.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class ExactIndex:
         self._vectors = np.zeros((capacity, dim), dtype=np.float32)
         self._codes = np.full((capacity, fields), -1, dtype=np.int32)
         self._ids: list[str] = []
+        self._fields: list[bytes] = []  # slot -> packed ProductFields
+        self._fields_bytes = 0
         self._slots: dict[str, int] = {}
         self._gpu_resources = gpu_resources() if self.use_gpu else None
 
@@ -46,7 +49,13 @@ class ExactIndex:
     def __contains__(self, product_id: str) -> bool:
         return product_id in self._slots
 
-    def upsert(self, product_id: str, vector: np.ndarray, codes: np.ndarray | None = None) -> None:
+    def upsert(
+        self,
+        product_id: str,
+        vector: np.ndarray,
+        codes: np.ndarray | None = None,
+        fields: bytes = b"",
+    ) -> None:
         if vector.shape != (self.dim,):
             raise InvalidMessage(f"vector of shape {vector.shape}, index dim is {self.dim}")
         slot = self._slots.get(product_id)
@@ -54,7 +63,10 @@ class ExactIndex:
             slot = len(self._ids)
             self._grow_to(slot + 1)
             self._ids.append(product_id)
+            self._fields.append(b"")
             self._slots[product_id] = slot
+        self._fields_bytes += len(fields) - len(self._fields[slot])
+        self._fields[slot] = fields
         self._vectors[slot] = vector
         if codes is not None:
             self._codes[slot] = codes
@@ -64,19 +76,23 @@ class ExactIndex:
         if slot is None:
             return False
         last = len(self._ids) - 1
+        self._fields_bytes -= len(self._fields[slot])
         if slot != last:
             moved = self._ids[last]
             self._vectors[slot] = self._vectors[last]
             self._codes[slot] = self._codes[last]
             self._ids[slot] = moved
+            self._fields[slot] = self._fields[last]
             self._slots[moved] = slot
         self._ids.pop()
+        self._fields.pop()
         return True
 
     def search(
         self, queries: np.ndarray, k: int, where: CompiledFilter | None = None
-    ) -> tuple[np.ndarray, list[list[str]]]:
-        """(scores (nq, k'), ids): best first, k' = min(k, rows passing the filter)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) (nq, k'): best first, k' = min(k, rows passing the filter). Rows are
+        slots, valid until the next change: read them (`product_id`, `fields`) right away."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidMessage(f"queries of shape {queries.shape}, index dim is {self.dim}")
         n = len(self._ids)
@@ -87,7 +103,8 @@ class ExactIndex:
             base = base[slots]
         k = min(k, len(base))
         if k == 0:
-            return np.zeros((queries.shape[0], 0), dtype=np.float32), [[] for _ in queries]
+            nq = queries.shape[0]
+            return np.zeros((nq, 0), dtype=np.float32), np.zeros((nq, 0), dtype=np.int64)
         if self._gpu_resources is not None:
             scores, rows = faiss.knn_gpu(
                 self._gpu_resources, queries, base, k, metric=faiss.METRIC_INNER_PRODUCT
@@ -96,13 +113,22 @@ class ExactIndex:
             scores, rows = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
         if slots is not None:
             rows = np.where(rows >= 0, slots[np.maximum(rows, 0)], -1)
-        ids = [[self._ids[r] for r in row if r >= 0] for row in rows]
-        return scores, ids
+        return scores, rows
 
-    def export(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """A copy of (ids, vectors, codes) in slot order: a consistent cut for a snapshot."""
+    def product_id(self, row: int) -> str:
+        return self._ids[row]
+
+    def product_fields(self, row: int) -> bytes:
+        return self._fields[row]
+
+    def fields_of(self, product_id: str) -> bytes:
+        return self._fields[self._slots[product_id]]
+
+    def export(self) -> tuple[list[str], np.ndarray, np.ndarray, list[bytes]]:
+        """A copy of (ids, vectors, codes, fields) in slot order: a consistent cut."""
         n = len(self._ids)
-        return list(self._ids), self._vectors[:n].copy(), self._codes[:n].copy()
+        return list(self._ids), self._vectors[:n].copy(), self._codes[:n].copy(), \
+            list(self._fields)
 
     def vector_of(self, product_id: str) -> np.ndarray:
         return self._vectors[self._slots[product_id]]
@@ -114,20 +140,25 @@ class ExactIndex:
         vectors: np.ndarray,
         codes: np.ndarray | None = None,
         use_gpu: bool | None = None,
+        fields: list[bytes] | None = None,
     ) -> ExactIndex:
         if vectors.ndim != 2 or len(ids) != len(vectors) or len(set(ids)) != len(ids):
             raise InvalidMessage("snapshot ids and vectors do not line up")
-        fields = 0 if codes is None else codes.shape[1]
-        index = cls(vectors.shape[1], use_gpu, capacity=max(1024, len(ids)), fields=fields)
+        if fields is not None and len(fields) != len(ids):
+            raise InvalidMessage("snapshot ids and fields do not line up")
+        width = 0 if codes is None else codes.shape[1]
+        index = cls(vectors.shape[1], use_gpu, capacity=max(1024, len(ids)), fields=width)
         index._vectors[: len(ids)] = vectors
         if codes is not None:
             index._codes[: len(ids)] = codes
         index._ids = list(ids)
+        index._fields = list(fields) if fields is not None else [b""] * len(ids)
+        index._fields_bytes = sum(map(len, index._fields))
         index._slots = {pid: slot for slot, pid in enumerate(ids)}
         return index
 
     def nbytes(self) -> int:
-        return self._vectors.nbytes + self._codes.nbytes
+        return self._vectors.nbytes + self._codes.nbytes + self._fields_bytes
 
     def shrink(self) -> None:
         """Give back the capacity a seal emptied (it only ever grew)."""

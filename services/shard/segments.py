@@ -33,6 +33,7 @@ import numpy as np
 
 from services.shard.attributes import CompiledFilter
 from services.shard.index import gpu_available, gpu_resources
+from services.shard.packed import PackedBytes
 
 IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw", "torch"]
 GPU_KINDS = ("flat", "ivf_flat", "ivf_pq")  # the sealed kinds FAISS GPU can hold
@@ -101,6 +102,7 @@ class SealedSegment:
     seqs: np.ndarray  # row -> the store's change number of that vector (int64)
     vectors: np.ndarray | None  # row -> raw vector, float16 (n, dim); None: not kept
     codes: np.ndarray  # row -> attribute codes, int32 (n, fields)
+    fields: PackedBytes  # row -> packed ProductFields: what a hit shows
     spec: IndexSpec  # how it is searched (and rebuilt): the current settings
     trained_on: int  # rows the index was trained on (0: needs no training)
     kind: IndexType  # what it was built as: a rebuild follows a change of settings
@@ -123,6 +125,12 @@ class SealedSegment:
     @property
     def dead_count(self) -> int:
         return int(self.dead.sum())
+
+    def product_id(self, row: int) -> str:
+        return self.ids[row]
+
+    def product_fields(self, row: int) -> bytes:
+        return self.fields[row]
 
     def search(
         self, queries: np.ndarray, k: int, where: CompiledFilter | None = None
@@ -212,7 +220,8 @@ class SealedSegment:
     def index_bytes(self) -> int:
         """Memory of the ANN structure, the raw vectors and the row tables."""
         raw = self.vectors.nbytes if self.vectors is not None else 0
-        return index_bytes(self.index) + raw + self.codes.nbytes + 16 * len(self)
+        tables = self.codes.nbytes + self.fields.nbytes + 16 * len(self)
+        return index_bytes(self.index) + raw + tables
 
 
 def gpu_copy(index: Any, spec: IndexSpec) -> Any:
@@ -267,6 +276,7 @@ def build_sealed(
     seqs: np.ndarray,
     vectors: np.ndarray,
     codes: np.ndarray,
+    fields: PackedBytes,
     base: SealedSegment | None = None,
 ) -> SealedSegment:
     """A new sealed segment: `base`'s rows followed by the given ones (clone + add, its dead
@@ -283,6 +293,7 @@ def build_sealed(
             seqs=np.concatenate([base.seqs, seqs]),
             vectors=None if base.vectors is None else np.concatenate([base.vectors, vectors16]),
             codes=np.concatenate([base.codes, codes]),
+            fields=base.fields.concat(fields),
             spec=spec,
             trained_on=base.trained_on,
             kind=base.kind,
@@ -300,7 +311,8 @@ def build_sealed(
     return SealedSegment(
         index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64),
         vectors=vectors16 if spec.raw_vectors or spec.kind == "torch" else None,
-        codes=np.asarray(codes, dtype=np.int32), spec=spec, trained_on=trained_on,
+        codes=np.asarray(codes, dtype=np.int32), fields=fields, spec=spec,
+        trained_on=trained_on,
         kind=spec.kind,
     )
 

@@ -1,6 +1,10 @@
-"""Shard snapshots: both segments (the sealed FAISS index with its id map and dead rows, the
-growing buffer), versions (tombstones included), the attribute vocabulary and the offset
-consumed on every owned partition, written as one consistent cut.
+"""Shard snapshots: both segments (the sealed FAISS index with its id map, product fields and
+dead rows, the growing buffer), versions (tombstones included), the attribute vocabulary and the
+offset consumed on every owned partition, written as one consistent cut.
+
+Formats: 3 adds the product fields of every row. A format 2 snapshot (the release before)
+still loads, its rows without fields, exactly as a replay of the version 1 records it was
+built from would leave them.
 
 Atomic by construction: files go to a temporary directory, are fsynced, and the directory is
 renamed into place; a manifest with each file's SHA-256 is written last. Loading walks from
@@ -26,13 +30,15 @@ import msgpack
 import numpy as np
 import structlog
 
+from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment
 from services.shard.store import StoreState
 
 log = structlog.get_logger()
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
     yield "growing_ids.msgpack", msgpack.packb(state.growing_ids)
     yield "growing_vectors.npy", _npy_bytes(state.growing_vectors)
     yield "growing_codes.npy", _npy_bytes(state.growing_codes)
+    yield "growing_fields.msgpack", msgpack.packb(state.growing_fields, use_bin_type=True)
     sealed = state.sealed
     if sealed is not None:
         if sealed.kind != "torch":  # a torch index is its raw vectors: rebuilt on load
@@ -112,6 +119,8 @@ def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
         if sealed.vectors is not None:
             yield "sealed_vectors.npy", _npy_bytes(sealed.vectors)
         yield "sealed_codes.npy", _npy_bytes(sealed.codes)
+        yield "sealed_fields.npy", _npy_bytes(sealed.fields.data)
+        yield "sealed_field_offsets.npy", _npy_bytes(sealed.fields.offsets)
         yield "sealed_dead.npy", _npy_bytes(state.sealed_dead)
 
 
@@ -126,8 +135,9 @@ def _sealed_manifest(sealed: SealedSegment | None) -> dict[str, Any] | None:
 
 def _load(path: Path, spec: IndexSpec) -> Snapshot:
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest["format"] != FORMAT_VERSION:
-        raise ValueError(f"snapshot format {manifest['format']} is not {FORMAT_VERSION}")
+    if manifest["format"] not in READABLE_FORMATS:
+        raise ValueError(f"snapshot format {manifest['format']} is not one of {READABLE_FORMATS}")
+    with_fields = manifest["format"] >= 3
 
     def read(filename: str) -> bytes:
         data = (path / filename).read_bytes()
@@ -137,7 +147,11 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
 
     growing_ids = msgpack.unpackb(read("growing_ids.msgpack"))
     growing_vectors = _npy(read("growing_vectors.npy"))
-    if len(growing_ids) != manifest["growing"] or len(growing_vectors) != len(growing_ids):
+    growing_fields = (
+        msgpack.unpackb(read("growing_fields.msgpack")) if with_fields
+        else [b""] * len(growing_ids)
+    )
+    if not len(growing_ids) == manifest["growing"] == len(growing_vectors) == len(growing_fields):
         raise ValueError("snapshot counts do not match")
     sealed, dead = None, np.zeros(0, dtype=bool)
     if manifest["sealed"] is not None:
@@ -152,14 +166,18 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
             index.add(vectors)
         else:
             index = faiss.deserialize_index(np.frombuffer(read("sealed.faiss"), dtype=np.uint8))
+        fields = (
+            PackedBytes(_npy(read("sealed_fields.npy")), _npy(read("sealed_field_offsets.npy")))
+            if with_fields else PackedBytes.of([b""] * len(ids))
+        )
         sealed = SealedSegment(
             index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64), vectors=vectors,
-            codes=_npy(read("sealed_codes.npy")), spec=spec, trained_on=meta["trained_on"],
-            kind=meta["kind"],
+            codes=_npy(read("sealed_codes.npy")), fields=fields, spec=spec,
+            trained_on=meta["trained_on"], kind=meta["kind"],
         )
         dead = _npy(read("sealed_dead.npy")).astype(bool)
         raw_rows = len(ids) if vectors is None else len(vectors)
-        if not len(ids) == meta["rows"] == index.ntotal == raw_rows == len(dead):
+        if not len(ids) == meta["rows"] == index.ntotal == raw_rows == len(dead) == len(fields):
             raise ValueError("sealed segment counts do not match")
     state = StoreState(
         dim=manifest["dim"],
@@ -168,6 +186,7 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
         growing_ids=growing_ids,
         growing_vectors=np.ascontiguousarray(growing_vectors, dtype=np.float32),
         growing_codes=_npy(read("growing_codes.npy")),
+        growing_fields=growing_fields,
         sealed=sealed,
         sealed_dead=dead,
     )

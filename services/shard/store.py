@@ -9,6 +9,10 @@ worker thread (services/shard/segments.py), and swapped in on the event loop. Wr
 flowing during the build: every live vector carries a change number (`seq`), and at the swap a
 row of the new segment counts only if its product still holds that exact change. Searches run
 against whatever segments are current and never wait for a build.
+
+Each row carries its product's packed fields (`proto.vectors.ProductFields`: title, image,
+attributes) beside the vector, so a hit leaves the shard complete: the log is the only home of
+what an answer shows.
 """
 
 from __future__ import annotations
@@ -18,16 +22,40 @@ import heapq
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from proto.vectors import VectorRecord
-from services.shard.attributes import AttributeCodes
+from services.shard.attributes import AttributeCodes, CompiledFilter
 from services.shard.index import ExactIndex
+from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment, build_sealed, needs_rebuild
 from vitrine.errors import InvalidMessage
 
-Hits = tuple[list[list[float]], list[list[str]]]  # per query: scores and ids, best first
+
+class Segment(Protocol):
+    """What the store searches: the exact growing buffer (ExactIndex) and the sealed ANN
+    segment (SealedSegment, over a FAISS or a torch index). Rows are -1 where fewer than k
+    pass; a row is read back with `product_id` / `product_fields` before the next change."""
+
+    def __len__(self) -> int: ...
+
+    def search(
+        self, queries: np.ndarray, k: int, where: CompiledFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def product_id(self, row: int) -> str: ...
+
+    def product_fields(self, row: int) -> bytes: ...
+
+
+class Hits(NamedTuple):
+    """Per query, best first: scores, product ids and their packed fields, aligned."""
+
+    scores: list[list[float]]
+    ids: list[list[str]]
+    fields: list[list[bytes]]
 
 
 @dataclass
@@ -40,6 +68,7 @@ class StoreState:
     growing_ids: list[str]
     growing_vectors: np.ndarray  # float32
     growing_codes: np.ndarray  # int32
+    growing_fields: list[bytes]
     sealed: SealedSegment | None  # immutable but for `dead`, which is copied below
     sealed_dead: np.ndarray
 
@@ -53,6 +82,7 @@ class _SealJob:
     seqs: np.ndarray
     vectors: np.ndarray
     codes: np.ndarray
+    fields: PackedBytes
     from_growing: list[str]  # frozen growing products: they leave the buffer at the swap
     generation: int
 
@@ -100,7 +130,8 @@ class ShardStore:
         else:
             growing = self._growing_for(record.dim)
             self._kill_sealed(pid)
-            growing.upsert(pid, record.as_array(), self.attributes.encode(record.attributes))
+            growing.upsert(pid, record.as_array(), self.attributes.encode(record.attributes),
+                           record.fields().pack())
             self._live[pid] = next(self._seqs)
         self.versions[pid] = record.version
         if self._touched is not None:
@@ -113,22 +144,38 @@ class ShardStore:
         """Both segments searched, filters applied inside each scan, then merged by score."""
         where = self.attributes.compile(filters) if filters else None
         nq = len(queries)
-        candidates: list[list[tuple[float, str]]] = [[] for _ in range(nq)]
         if self.dim is not None and queries.shape[1] != self.dim:
             raise InvalidMessage(f"queries of dim {queries.shape[1]}, the shard holds {self.dim}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.growing is not None:
-            scores, ids = self.growing.search(queries, k, where)
+        candidates: list[list[tuple[float, str, bytes]]] = [[] for _ in range(nq)]
+        segments: list[Segment | None] = [self.growing, self.sealed]
+        for segment in segments:
+            if segment is None or not len(segment):
+                continue
+            scores, rows = segment.search(queries, k, where)
             for q in range(nq):
-                candidates[q].extend(zip(scores[q].tolist(), ids[q], strict=False))
-        sealed = self.sealed
-        if sealed is not None and len(sealed):
-            scores, rows = sealed.search(queries, k, where)
-            for q in range(nq):
-                hits = zip(scores[q].tolist(), rows[q].tolist(), strict=True)
-                candidates[q].extend((s, sealed.ids[r]) for s, r in hits if r >= 0)
-        best = [heapq.nlargest(k, found) for found in candidates]
-        return [[s for s, _ in hits] for hits in best], [[pid for _, pid in hits] for hits in best]
+                candidates[q].extend(
+                    (score, segment.product_id(row), segment.product_fields(row))
+                    for score, row in zip(scores[q].tolist(), rows[q].tolist(), strict=True)
+                    if row >= 0
+                )
+        best = [heapq.nlargest(k, found, key=_by_score) for found in candidates]
+        return Hits(
+            [[hit[0] for hit in hits] for hits in best],
+            [[hit[1] for hit in hits] for hits in best],
+            [[hit[2] for hit in hits] for hits in best],
+        )
+
+    def product(self, product_id: str) -> tuple[int, bytes] | None:
+        """(version, packed fields) of a live product, or None."""
+        if product_id not in self._live:
+            return None
+        if self.growing is not None and product_id in self.growing:
+            fields = self.growing.fields_of(product_id)
+        else:
+            assert self.sealed is not None
+            fields = self.sealed.fields[self._sealed_rows[product_id]]
+        return self.versions[product_id], fields
 
     def live_versions(self) -> dict[str, int]:
         """product_id -> version of every product this shard would return: for audits."""
@@ -154,7 +201,7 @@ class ShardStore:
 
         def build() -> tuple[SealedSegment, dict[str, int] | None]:
             segment = build_sealed(
-                self.spec, job.ids, job.seqs, job.vectors, job.codes, job.base
+                self.spec, job.ids, job.seqs, job.vectors, job.codes, job.fields, job.base
             )
             fresh = None if job.base is not None else {pid: i for i, pid in enumerate(job.ids)}
             return segment, fresh
@@ -168,8 +215,9 @@ class ShardStore:
     def _freeze(self) -> _SealJob:
         assert self.growing is not None
         self.sealing, self._touched = True, set()
-        ids, vectors, codes = self.growing.export()
+        ids, vectors, codes, growing_fields = self.growing.export()
         seqs = np.array([self._live[pid] for pid in ids], dtype=np.int64)
+        fields = PackedBytes.of(growing_fields)
         base = self.sealed
         if base is not None and needs_rebuild(base, len(ids), self.rebuild_dead_ratio):
             live = np.flatnonzero(~base.dead)
@@ -177,11 +225,12 @@ class ShardStore:
             seqs = np.concatenate([base.seqs[live], seqs])
             vectors = np.concatenate([base.raw(live), vectors])
             codes = np.concatenate([base.codes[live], codes])
+            fields = base.fields.take(live).concat(fields)
             frozen = ids[len(live):]
             base = None
         else:
             frozen = ids
-        return _SealJob(base, ids, seqs, vectors, codes, list(frozen), self._generation)
+        return _SealJob(base, ids, seqs, vectors, codes, fields, list(frozen), self._generation)
 
     def _swap(
         self, job: _SealJob, segment: SealedSegment, fresh_rows: dict[str, int] | None
@@ -213,9 +262,10 @@ class ShardStore:
     def export(self) -> StoreState:
         """Copied now, on the loop: with the consumed offsets, a consistent cut."""
         if self.growing is not None:
-            ids, vectors, codes = self.growing.export()
+            ids, vectors, codes, fields = self.growing.export()
         else:
-            ids, vectors, codes = [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)
+            ids, vectors, codes, fields = [], np.zeros((0, 0), np.float32), \
+                np.zeros((0, 0), np.int32), []
         sealed = self.sealed
         return StoreState(
             dim=self.dim or 0,
@@ -224,6 +274,7 @@ class ShardStore:
             growing_ids=ids,
             growing_vectors=vectors,
             growing_codes=codes,
+            growing_fields=fields,
             sealed=sealed,
             sealed_dead=sealed.dead.copy() if sealed is not None else np.zeros(0, bool),
         )
@@ -240,7 +291,8 @@ class ShardStore:
         if codes.shape[1] != len(self._fields):  # filter fields changed: codes start over
             codes = np.full((len(codes), len(self._fields)), -1, dtype=np.int32)
         self.growing = ExactIndex.from_arrays(
-            state.growing_ids, state.growing_vectors.reshape(-1, state.dim), codes, self._use_gpu
+            state.growing_ids, state.growing_vectors.reshape(-1, state.dim), codes,
+            self._use_gpu, state.growing_fields,
         )
         self._live = {pid: next(self._seqs) for pid in state.growing_ids}
         if state.sealed is not None:
@@ -271,3 +323,7 @@ class ShardStore:
         row = self._sealed_rows.pop(pid, None)
         if row is not None and self.sealed is not None:
             self.sealed.kill(row)
+
+
+def _by_score(hit: tuple[float, str, bytes]) -> tuple[float, str]:
+    return hit[0], hit[1]

@@ -5,8 +5,10 @@ is quarantined to the dead-letter topic instead of killing it forever."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import itertools
+import json
 import os
 import signal
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from proto.catalog import CatalogEvent
+from services.router.settings import RouterSettings
 from tests.conftest import stage_image
 from tests.helpers import (
     DeadLetterReader,
@@ -36,6 +39,7 @@ from vitrine.status import probe
 pytestmark = pytest.mark.stack
 
 STALL_S = 5  # the encoder's stall timeout here: a batch longer than this fails /healthz
+DEFAULT_DEADLINE_MS = RouterSettings.model_fields["deadline_ms"].default  # what `vitrine up` has
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +74,23 @@ def _rows(fashion_data: Path, image_root: Path, start: int, stop: int) -> list[C
 def _restarted(stack: LocalStack, name: str, old: object) -> bool:
     child = stack.children[name]
     return child.process is not old and probe(child.health_url or "")[0] == 200
+
+
+def test_the_first_image_query_after_start_is_complete_within_the_default_deadline(
+    chaos_stack: LocalStack, fashion_data: Path
+) -> None:
+    """The first "shop the look" of a fresh router: every tower was warmed before ready, so it
+    spends a few ms, not the whole deadline (this module's stack starts first in the suite)."""
+    picture = base64.b64encode((fashion_data / "images" / "1163.jpg").read_bytes()).decode()
+    request = urllib.request.Request(
+        f"{chaos_stack.router_url}/search", data=json.dumps({"image_b64": picture}).encode(),
+        headers={"Content-Type": "application/json",
+                 "X-Vitrine-Budget-Ms": str(DEFAULT_DEADLINE_MS)},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert answer["partial"] is False, answer
+    assert answer["coverage"]["shards_answered"] == 1
 
 
 def test_kill_9_of_the_encoder_mid_batch_loses_and_duplicates_nothing(

@@ -21,10 +21,12 @@ from typer.testing import CliRunner
 from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
 from tests.helpers import (
+    assert_shards_show_latest_fields,
     content,
     eventually,
     expected_content,
     http_json,
+    latest_events,
     script,
     search_text,
     shard_vectors,
@@ -161,6 +163,11 @@ def test_resharding_2_to_3_to_4_keeps_every_product_on_one_shard_and_answers_thr
     output = reshard_under_load(stack, 3, during=catalog[SIZE:])  # updates and deletes
     assert "catching up" in output and "done: 3 shards" in output
     assert_fleet_holds(stack, expected)
+    assert_shards_show_latest_fields(stack.shard_urls, stack.settings.vector_partitions, catalog)
+    retitled = {pid for pid, e in latest_events(catalog).items() if e.title == "v2"}
+    hits = search_text(stack.router_url, "v2", k=100)["results"]  # through the router too
+    assert {h["product_id"] for h in hits} & retitled
+    assert all(h["title"] == "v2" for h in hits if h["product_id"] in retitled)
     assert all(probe(f"{url}/healthz")[0] == 0 for url in old_urls), "old fleet stopped"
     assert not (stack.settings.state_dir / "snapshots" / "shard-0").exists()
     found = read_run_file(stack.settings.state_dir)
@@ -170,6 +177,7 @@ def test_resharding_2_to_3_to_4_keeps_every_product_on_one_shard_and_answers_thr
 
     stack.reshard(4, progress=lambda line: None)  # the same path, without the CLI
     assert_fleet_holds(stack, expected)
+    assert_shards_show_latest_fields(stack.shard_urls, stack.settings.vector_partitions, catalog)
     assert sorted(name for name in stack.children if name.startswith("shard-")) == [
         f"shard-g3-{s}" for s in range(4)
     ]

@@ -201,7 +201,7 @@ def test_the_encoder_never_died_restarted_or_stalled(stack: LocalStack, outcome:
 
 
 def test_a_refused_event_leaves_nothing_behind(stack: LocalStack, outcome: Outcome) -> None:
-    """Its metadata was never written: the storefront knows no such product."""
+    """Its vector record was never produced: no shard, so no storefront, knows the product."""
     for pid in ("poison-port", "poison-fifo", "poison-cgnat"):
         status, answer = http_json(f"{stack.router_url}/images/{pid}")
         assert status == 404 and "no product" in answer["error"]

@@ -80,7 +80,7 @@ def published_reds(out: object) -> dict[str, float]:
     return {
         p.product_id: VectorRecord.from_wire(p.record).as_array()[0]
         for p in out.published  # type: ignore[attr-defined]
-        if p.metadata is not None
+        if not p.deleted
     }
 
 
@@ -102,7 +102,9 @@ async def test_each_stage_fails_its_own_event_and_the_rest_go_on() -> None:
         letter.reason for letter in out.dead_letters if letter.source_offset == 3
     )
     assert published_reds(out) == {"p0": 0.0, "p4": 80.0}
-    assert [p.deleted_version for p in out.published if p.product_id == "p9"] == [3]
+    records = {p.product_id: VectorRecord.from_wire(p.record) for p in out.published}
+    assert (records["p9"].op, records["p9"].version, records["p9"].vector) == ("delete", 3, b"")
+    assert records["p0"].image_uri == "https://img.example/0"  # the fields travel with it
 
 
 async def test_a_failed_model_pass_is_retried_event_by_event_to_find_the_culprit() -> None:

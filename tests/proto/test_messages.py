@@ -11,7 +11,7 @@ from proto.catalog import CatalogEvent, catalog_event_json_schema
 from proto.dlq import DeadLetter
 from proto.search import SearchRequest, SearchResponse
 from proto.stats import EncoderStats, ShardStats
-from proto.vectors import VectorRecord
+from proto.vectors import ProductFields, VectorRecord
 from vitrine.errors import InvalidMessage
 
 
@@ -87,6 +87,42 @@ def test_vector_record_round_trips(dtype: str) -> None:
     assert VectorRecord.from_wire(tomb.to_wire()).op == "delete"
 
 
+def test_vector_record_carries_the_product_fields() -> None:
+    record = VectorRecord.upsert(
+        "sku-1", 3, "m@1", np.ones(4), title="Red kurta", image_uri="file:///k.jpg",
+        attributes={"colour": "Red"},
+    )
+    back = VectorRecord.from_wire(record.to_wire())
+    assert back.schema_version == 2
+    assert back.fields() == ProductFields(
+        title="Red kurta", image_uri="file:///k.jpg", attributes={"colour": "Red"}
+    )
+    assert ProductFields.unpack(back.fields().pack()) == back.fields()
+
+
+def test_a_version_1_vector_record_still_reads() -> None:
+    """Exactly what the release before wrote to catalog.vectors (no title, no image_uri)."""
+    written_by_v1 = msgpack.packb({
+        "schema_version": 1, "op": "upsert", "product_id": "sku-1", "version": 7,
+        "model_id": "m@1", "dim": 2, "dtype": "f32",
+        "vector": np.array([0.6, 0.8], dtype=np.float32).tobytes(), "event_time_ms": 12,
+        "attributes": {"colour": "Red"},
+    }, use_bin_type=True)
+    record = VectorRecord.from_wire(written_by_v1)
+    assert (record.schema_version, record.version, record.attributes) == (1, 7, {"colour": "Red"})
+    np.testing.assert_allclose(record.as_array(), [0.6, 0.8])
+    assert record.fields() == ProductFields(attributes={"colour": "Red"})
+    tombstone_v1 = msgpack.packb({"schema_version": 1, "op": "delete", "product_id": "sku-1",
+                                  "version": 8, "model_id": "m@1"})
+    assert VectorRecord.from_wire(tombstone_v1).op == "delete"
+
+
+@pytest.mark.parametrize("data", [b"\x93", msgpack.packb([1, 2]), msgpack.packb(["t", "u", 3])])
+def test_unreadable_product_fields_are_an_invalid_message(data: bytes) -> None:
+    with pytest.raises(InvalidMessage, match="product fields"):
+        ProductFields.unpack(data)
+
+
 def test_vector_record_rejects_a_vector_of_the_wrong_size() -> None:
     payload = VectorRecord.upsert("a", 1, "m", np.ones(4)).model_dump() | {"dim": 5}
     with pytest.raises(InvalidMessage, match="expected 20"):
@@ -98,8 +134,24 @@ def test_search_request_and_response_round_trip() -> None:
     request = SearchRequest.build(queries, k=4, budget_ms=50, request_id="r1")
     back = SearchRequest.from_wire(request.to_wire())
     np.testing.assert_array_equal(back.query_matrix(), queries)
-    response = SearchResponse(shard_id=1, ids=[["a"], ["b"]], scores=[[0.5], [0.25]], searched=9)
+    fields = [[ProductFields(title="A", image_uri="file:///a").pack()], [b""]]
+    response = SearchResponse(
+        shard_id=1, ids=[["a"], ["b"]], scores=[[0.5], [0.25]], fields=fields, searched=9
+    )
     assert SearchResponse.from_wire(response.to_wire()) == response
+    assert ProductFields.unpack(response.fields_of(0, 0)).title == "A"
+    assert ProductFields.unpack(response.fields_of(1, 0)) == ProductFields()
+
+
+def test_version_1_search_messages_still_read() -> None:
+    """A router or shard of the release before speaks v1: its messages still decode."""
+    request = SearchRequest.build(np.ones((1, 3)), 4, 50).model_dump() | {"schema_version": 1}
+    assert SearchRequest.from_wire(msgpack.packb(request)).schema_version == 1
+    old = {"schema_version": 1, "shard_id": 0, "ids": [["a"]], "scores": [[0.5]], "searched": 1}
+    response = SearchResponse.from_wire(msgpack.packb(old))
+    assert response.fields_of(0, 0) == b""
+    with pytest.raises(InvalidMessage, match="same shape"):  # v2 must carry every hit's fields
+        SearchResponse.from_wire(msgpack.packb(old | {"schema_version": 2}))
 
 
 def test_search_messages_reject_inconsistent_shapes() -> None:

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from tests.helpers import http_json
+from tests.helpers import http_json, scrape
 from vitrine.stack import LocalStack
 
 pytestmark = pytest.mark.stack
@@ -71,18 +71,26 @@ def test_a_bad_client_budget_gets_a_400(stack: LocalStack, budget: str) -> None:
     assert status == 400 and "budget" in answer["error"]
 
 
-def test_a_client_budget_too_small_for_any_shard_gives_a_partial_answer(
+def test_a_budget_spent_by_the_routers_own_encoding_is_said_so_not_blamed_on_shards(
     stack: LocalStack,
 ) -> None:
+    before = scrape(stack.router_url)
     request = urllib.request.Request(
         f"{stack.router_url}/search?q=never+cached+{time.monotonic_ns()}&k=3",
         headers={"X-Vitrine-Budget-Ms": "0.01"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         answer = json.loads(response.read())
-    assert answer["partial"] is True
-    assert answer["missing_shards"] == list(range(stack.settings.num_shards))
+    assert answer["partial"] is True and answer["missing_shards"] == []
+    assert "query encoding took" in answer["partial_reason"]
     assert answer["results"] == [] and answer["coverage"]["shards_answered"] == 0
+    after = scrape(stack.router_url)
+    overruns = ("vitrine_router_encode_overruns_total", ())
+    assert after[overruns] == before.get(overruns, 0) + 1
+    failures = {key: v for key, v in after.items()
+                if key[0] == "vitrine_router_shard_failures_total"}
+    assert failures == {key: v for key, v in before.items()
+                        if key[0] == "vitrine_router_shard_failures_total"}
 
 
 def test_a_client_budget_within_bounds_is_honoured(stack: LocalStack) -> None:

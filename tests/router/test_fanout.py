@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proto.search import SearchRequest, SearchResponse
+from proto.vectors import ProductFields
 from services.router.fanout import FanOutResult, fan_out
 from services.router.metrics import RouterMetrics
 from services.router.replicas import BreakerState, ReplicaPolicy, ReplicaSet
@@ -44,10 +45,12 @@ class FakeShard:
         vectors = np.random.default_rng(self.tag).standard_normal((50, DIM)).astype(np.float32)
         scores = query.query_matrix() @ vectors.T
         top = np.argsort(-scores, axis=1)[:, : query.k]
+        ids = [[f"s{self.shard_id}-{i}" for i in row] for row in top]
         answer = SearchResponse(
             shard_id=self.shard_id,
-            ids=[[f"s{self.shard_id}-{i}" for i in row] for row in top],
+            ids=ids,
             scores=np.take_along_axis(scores, top, axis=1).tolist(),
+            fields=[[ProductFields(title=pid).pack() for pid in row] for row in ids],
             searched=self.tag,
         )
         return web.Response(body=answer.to_wire(), content_type="application/msgpack")

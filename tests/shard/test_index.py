@@ -14,6 +14,11 @@ def unit(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def found_ids(index: ExactIndex, queries: np.ndarray, k: int) -> list[list[str]]:
+    _, rows = index.search(queries, k)
+    return [[index.product_id(r) for r in row if r >= 0] for row in rows.tolist()]
+
+
 def test_search_matches_brute_force_after_churn() -> None:
     rng = np.random.default_rng(1)
     index = ExactIndex(16, use_gpu=False, capacity=4)
@@ -28,7 +33,8 @@ def test_search_matches_brute_force_after_churn() -> None:
         truth[pid] = vector
     assert len(index) == len(truth)
     queries = unit(rng, 3)
-    scores, ids = index.search(queries, 10)
+    scores, _ = index.search(queries, 10)
+    ids = found_ids(index, queries, 10)
     names = sorted(truth)
     matrix = np.stack([truth[n] for n in names])
     for q, row_ids, row_scores in zip(queries, ids, scores, strict=True):
@@ -40,10 +46,10 @@ def test_search_matches_brute_force_after_churn() -> None:
 
 def test_search_of_an_empty_or_small_index() -> None:
     index = ExactIndex(4, use_gpu=False)
-    scores, ids = index.search(np.ones((2, 4), dtype=np.float32), 5)
-    assert ids == [[], []] and scores.shape == (2, 0)
+    scores, rows = index.search(np.ones((2, 4), dtype=np.float32), 5)
+    assert rows.shape == scores.shape == (2, 0)
     index.upsert("a", np.ones(4, dtype=np.float32))
-    assert index.search(np.ones((1, 4), dtype=np.float32), 5)[1] == [["a"]]
+    assert found_ids(index, np.ones((1, 4), dtype=np.float32), 5) == [["a"]]
     with pytest.raises(InvalidMessage):
         index.search(np.ones((1, 3), dtype=np.float32), 5)
 
@@ -77,4 +83,28 @@ def test_gpu_index_agrees_with_cpu() -> None:
     for i, vector in enumerate(data):
         cpu.upsert(str(i), vector)
         gpu.upsert(str(i), vector)
-    assert cpu.search(queries, 5)[1] == gpu.search(queries, 5)[1]
+    assert found_ids(cpu, queries, 5) == found_ids(gpu, queries, 5)
+
+
+def test_each_row_keeps_its_own_fields_through_swap_removes() -> None:
+    """A removal moves the last row into the hole: its fields must move with it."""
+    rng = np.random.default_rng(3)
+    index = ExactIndex(16, use_gpu=False, capacity=2)
+    held = {}
+    for step, vector in enumerate(unit(rng, 200)):
+        pid = f"p{step % 37}"
+        held[pid] = f"fields of {pid} at step {step}".encode()
+        index.upsert(pid, vector, fields=held[pid])
+        if step % 3 == 2:
+            gone = sorted(held)[step % len(held)]
+            index.remove(gone)
+            del held[gone]
+    assert {pid: index.fields_of(pid) for pid in held} == held
+    _, rows = index.search(unit(rng, 2), 50)
+    for row in rows.ravel().tolist():
+        if row >= 0:
+            assert index.product_fields(row) == held[index.product_id(row)]
+    ids, _, _, fields = index.export()
+    assert dict(zip(ids, fields, strict=True)) == held
+    assert index.nbytes() == len(index) * 0 + index._vectors.nbytes + index._codes.nbytes \
+        + sum(map(len, held.values()))

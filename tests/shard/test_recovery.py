@@ -9,7 +9,13 @@ import pytest
 
 from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
-from tests.helpers import eventually, http_json, scrape, shard_vectors
+from tests.helpers import (
+    eventually,
+    http_json,
+    latest_events,
+    scrape,
+    shard_vectors,
+)
 from vitrine.ingest import EventPublisher, events_from_csv
 from vitrine.kafka import partition_for
 from vitrine.stack import LocalStack
@@ -53,20 +59,31 @@ def test_a_restarted_shard_resumes_from_its_snapshot(
     assert snapshots, "no snapshot written on shutdown"
 
     victim = next(e for e in first if owned(e.product_id))
-    for event in later:
+    retitled = [  # title-only updates of products the snapshot holds
+        e.model_copy(update={"version": e.version + 1, "title": f"renamed {e.product_id}"})
+        for e in first if owned(e.product_id) and e is not victim
+    ][:5]
+    deleted = CatalogEvent(op="delete", product_id=victim.product_id, version=victim.version + 1)
+    for event in [*later, *retitled, deleted]:
         publisher.publish(event)
-    publisher.publish(
-        CatalogEvent(op="delete", product_id=victim.product_id, version=victim.version + 1)
-    )
     publisher.flush()
     stack.start_child("shard-0")  # ready only once caught up with the log
 
     stats = http_json(f"{shard0}/stats")[1]
     assert stats["restored_from"] == "snapshot"
-    new_records = sum(owned(e.product_id) for e in later) + 1  # + the tombstone
+    new_products = sum(owned(e.product_id) for e in later)
+    new_records = new_products + len(retitled) + 1  # + the tombstone
     eventually(
-        lambda: vectors(shard0) == expected + new_records - 2,
+        lambda: vectors(shard0) == expected + new_products - 1,
         what="the later products and the delete on shard 0",
     )
     # it replayed only what came after the snapshot, not the whole log
-    assert applied_records(shard0) == new_records
+    eventually(lambda: applied_records(shard0) == new_records, what="every later record")
+    mine = [e for e in [*first, *later, *retitled, deleted] if owned(e.product_id)]
+    for pid, event in latest_events(mine).items():
+        status, held = http_json(f"{shard0}/products/{pid}")
+        if event.op == "delete":
+            assert status == 404
+        else:
+            assert status == 200 and (held["title"], held["version"]) == (event.title,
+                                                                           event.version)
