@@ -19,9 +19,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from vitrine.cli import wait_until_indexed
-from vitrine.ingest import EventPublisher, events_from_csv
-from vitrine.stack import LocalStack, StackSettings
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.main import wait_until_indexed
+from vitrine.cli.stack import LocalStack, StackSettings
 
 QUERIES = [
     "red dress", "black leather shoes", "blue denim jeans", "white sports shoes", "gold watch",

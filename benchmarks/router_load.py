@@ -45,8 +45,8 @@ from tqdm import tqdm
 from proto.search import SearchRequest, SearchResponse
 from proto.vectors import VectorRecord
 from services.router.merge import merge_topk
+from vitrine.cli.stack import LocalStack, StackSettings
 from vitrine.kafka import partition_for, producer_config
-from vitrine.stack import LocalStack, StackSettings
 
 DIM = 384
 MODEL_ID = "bench-random"  # shards do not check model ids

@@ -55,8 +55,8 @@ from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment, index_bytes, trained_faiss_index
 from services.shard.snapshot import Snapshot, write_snapshot
 from services.shard.store import StoreState
+from vitrine.cli.stack import LocalStack, StackSettings
 from vitrine.settings import CommonSettings
-from vitrine.stack import LocalStack, StackSettings
 
 CHUNK = 100_000
 MODEL_DIM = 384
@@ -151,14 +151,15 @@ def write_shard_snapshots(
         assert len(ids) == index.ntotal
         structure += index_bytes(index)
         sealed = SealedSegment(
-            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
+            index=index, ids=PackedBytes.of(pid.encode() for pid in ids),
+            seqs=np.zeros(len(ids), dtype=np.int64), versions=np.ones(len(ids), dtype=np.int64),
             vectors=shard_vectors(catalog, order) if spec.raw_vectors else None,
             codes=np.zeros((len(ids), len(settings.filter_fields)), dtype=np.int32),
             fields=PackedBytes.of(synthetic_fields(int(g)) for g in order),
             spec=spec, trained_on=len(ids), kind="ivf_pq",
         )
         state = StoreState(
-            dim=index.d, versions=dict.fromkeys(ids, 1),
+            dim=index.d, versions={},  # every product's version is in its sealed row
             vocab={field: [] for field in settings.filter_fields},
             growing_ids=[], growing_vectors=np.zeros((0, index.d), dtype=np.float32),
             growing_codes=np.zeros((0, len(settings.filter_fields)), dtype=np.int32),

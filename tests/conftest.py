@@ -12,7 +12,7 @@ import hypothesis
 import hypothesis.strategies
 import pytest
 
-from vitrine.stack import LocalStack, StackSettings
+from vitrine.cli.stack import LocalStack, StackSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion"
 
@@ -73,4 +73,4 @@ hypothesis.settings.load_profile("vitrine")
 # Import hypothesis' lazily loaded strategy modules now, at a shallow stack: pytest rewrites
 # them on import, and CPython 3.11.7's AST constructor can fail with "recursion depth
 # mismatch" (gh-106905, fixed in 3.11.8) when that rewrite happens deep inside a test.
-hypothesis.strategies.integers().flatmap(hypothesis.strategies.just).validate()
+hypothesis.strategies.integers().flatmap(hypothesis.strategies.just)  # imports flatmapped

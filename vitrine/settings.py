@@ -41,7 +41,7 @@ class CommonSettings(BaseSettings):
     )
     model_weights: str | None = Field(
         default="vitrine-fashion-v1.pt",
-        description="pretrained tag, checkpoint path (a bare name: one in vitrine/weights/), "
+        description="pretrained tag, checkpoint path (a bare name: one in vitrine/model/weights/), "
         "'offline' or empty",
     )
     model_seed: int = 0

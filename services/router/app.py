@@ -1,5 +1,5 @@
-"""Router service: the storefront's search API. Encode, fan out, merge: the shards' hits carry
-their products, so an answer needs nothing but the shards (Redis only caches query vectors)."""
+"""Router service: the storefront's search API. The handlers decode a query, ask the search
+core (services/router/search.py) and encode its typed answer; the rest is lifecycle."""
 
 from __future__ import annotations
 
@@ -8,25 +8,19 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-import numpy as np
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from proto.search import SearchRequest
-from proto.storefront import Coverage, Hit, SearchAnswer
-from proto.vectors import ProductFields
 from services.router.encoding import QueryEncoder
-from services.router.fanout import fan_out
-from services.router.fleet import FLEET, Fleet, add_fleet_routes
-from services.router.merge import Merged, merge_topk
+from services.router.fleet import FLEETS, FleetSwitch, add_fleet_routes
 from services.router.metrics import EncodingMetrics, RouterMetrics
 from services.router.openapi import openapi_document
 from services.router.products import ProductLookup
 from services.router.query import Query, budget_ms, query_from_body, query_from_params
+from services.router.search import SearchCore
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
-from vitrine.errors import InvalidMessage, InvalidQuery
 from vitrine.fetch import ImageFetcher, make_session
 from vitrine.model import DualEncoder, load_dual_encoder
 from vitrine.service import (
@@ -45,6 +39,7 @@ MODEL = web.AppKey("model", DualEncoder)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
 QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
+SEARCH = web.AppKey("search", SearchCore)
 OPENAPI = web.AppKey("openapi", dict)
 
 
@@ -53,8 +48,8 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics(app[REGISTRY])
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    add_fleet_routes(app, Fleet(settings.shard_urls, settings.replica_policy()), token)
-    app.cleanup_ctx.extend([_model, _query_encoder, _shard_session, _image_session])
+    add_fleet_routes(app, FleetSwitch(settings.shard_urls, settings.replica_policy()), token)
+    app.cleanup_ctx.extend([_model, _query_encoder, _shard_session, _search_core, _image_session])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
     app[OPENAPI] = openapi_document(settings, service_version())
@@ -70,98 +65,19 @@ async def openapi(request: web.Request) -> web.Response:
 async def search_get(request: web.Request) -> web.Response:
     started = time.monotonic()
     query = query_from_params(request.query, request.app[SETTINGS])
-    return web.json_response((await answer(request, query, started)).model_dump())
+    return await _answered(request, query, started)
 
 
 async def search_post(request: web.Request) -> web.Response:
     started = time.monotonic()
     query = await query_from_body(request, request.app[SETTINGS])
-    return web.json_response((await answer(request, query, started)).model_dump())
+    return await _answered(request, query, started)
 
 
-async def answer(request: web.Request, query: Query, started: float) -> SearchAnswer:
-    """One deadline end to end: encoding spends from it and the shards get what is left."""
-    app = request.app
-    settings, metrics = app[SETTINGS], app[METRICS]
-    budget = budget_ms(request, settings)
-    deadline = started + budget / 1000
-    with metrics.stage_seconds.labels("encode").time():
-        vector = await _encode(app[QUERY_ENCODER], query)
-    encoded = time.monotonic()
-    fleet = app[FLEET].current  # one fleet per answer: a re-shard never splits a query
-    sizes = fleet.sizes
-    if encoded >= deadline:  # nothing left to give the shards: say whose time it was
-        metrics.encode_overruns.inc()
-        metrics.queries.labels(query.kind, "false").inc()
-        spent = (encoded - started) * 1000
-        return SearchAnswer(
-            results=[], partial=True, missing_shards=[],
-            partial_reason=f"query encoding took {spent:.0f} ms of the {budget:g} ms budget: "
-                           "no time was left to ask the shards",
-            coverage=coverage(0, fleet.num_shards, 0, sizes),
-            took_ms=round(spent, 3),
-        )
-    shard_query = SearchRequest.build(
-        vector, query.k, (deadline - encoded) * 1000, request_id(request), query.filters
-    )
-    with metrics.stage_seconds.labels("fanout").time():
-        fanned = await fan_out(app[SHARDS], fleet.replicas, shard_query, deadline, metrics)
-    with metrics.stage_seconds.labels("merge").time():
-        hits = [_hit(merged) for merged in merge_topk(fanned.responses, query.k)]
-    for shard in fanned.missing:
-        metrics.shard_failures.labels(str(shard)).inc()
-    sizes.update({r.shard_id: r.searched for r in fanned.responses})
-    searched = sum(r.searched for r in fanned.responses)
-    partial = bool(fanned.missing)
-    metrics.queries.labels(query.kind, str(not partial).lower()).inc()
-    return SearchAnswer(
-        results=hits,
-        partial=partial,
-        missing_shards=sorted(fanned.missing),
-        partial_reason="; ".join(
-            f"shard {shard}: {why}" for shard, why in sorted(fanned.missing.items())
-        ) or None,
-        coverage=coverage(len(fanned.responses), fleet.num_shards, searched, sizes),
-        took_ms=round((time.monotonic() - started) * 1000, 3),
-    )
-
-
-def _hit(merged: Merged) -> Hit:
-    try:
-        fields = ProductFields.unpack(merged.fields)
-    except InvalidMessage as exc:  # a shard's bug: the hit still counts, without its fields
-        log.warning("unreadable product fields", product_id=merged.product_id, reason=str(exc))
-        fields = ProductFields()
-    return Hit(
-        product_id=merged.product_id, score=round(merged.score, 6), title=fields.title,
-        image_uri=fields.image_uri, attributes=fields.attributes,
-    )
-
-
-def coverage(answered: int, shards: int, searched: int, sizes: dict[int, int]) -> Coverage:
-    """How much of the catalog this answer looked at. A missing shard counts with the size it
-    last reported (0 if it never answered)."""
-    total = max(searched, sum(sizes.values()))
-    return Coverage(
-        shards_answered=answered,
-        shards_total=shards,
-        vectors_searched=searched,
-        vectors_total=total,
-        ratio=round(searched / total, 6) if total else float(answered == shards),
-    )
-
-
-async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
-    """The query as a (1, dim) matrix: text through the cache and batcher, images directly."""
-    if query.text is not None:
-        return (await encoder.encode_text(query.text))[np.newaxis]
-    assert query.image is not None
-    model = encoder.model
-    try:  # any aspect ratio the encoder accepts; whatever else the picture holds is its fault
-        pixels = await asyncio.to_thread(model.preprocess_image, query.image)
-    except Exception as exc:
-        raise InvalidQuery(f"image_b64 cannot be prepared for the model: {exc}") from exc
-    return await asyncio.to_thread(model.encode_pixels, [pixels])
+async def _answered(request: web.Request, query: Query, started: float) -> web.Response:
+    budget = budget_ms(request, request.app[SETTINGS])
+    answer = await request.app[SEARCH].answer(query, budget, request_id(request), started)
+    return web.json_response(answer.model_dump())
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
@@ -196,12 +112,17 @@ async def _shard_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _search_core(app: web.Application) -> AsyncIterator[None]:
+    app[SEARCH] = SearchCore(app[QUERY_ENCODER], app[SHARDS], app[FLEETS], app[METRICS])
+    yield
+
+
 async def _image_session(app: web.Application) -> AsyncIterator[None]:
     """Product images for the storefront, fetched under the encoder's rules."""
     settings = app[SETTINGS]
     policy = settings.fetch_policy()
     products = ProductLookup(
-        app[SHARDS], app[FLEET], settings.vector_partitions, settings.fetch_timeout_s
+        app[SHARDS], app[FLEETS], settings.vector_partitions, settings.fetch_timeout_s
     )
     async with make_session(policy) as session:
         app[PRODUCT_IMAGES] = ProductImages(products, ImageFetcher(policy, session))

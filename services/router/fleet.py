@@ -1,9 +1,10 @@
 """The router's shard fleet, switchable while it serves: re-sharding without a router restart.
 
-A `FleetView` is one fleet: its shard addresses, their `ReplicaSet` (breakers, latencies) and
-the size each shard last reported. A query takes `Fleet.current` once and finishes on that view,
-so a switch never splits one answer across two fleets, and queries already in flight finish on
-the old fleet while new ones go to the new. `Fleet.switch` checks the new fleet first: every
+A fleet is one generation of shards that together own every partition once. A `Fleet` holds
+its shard addresses, their `ReplicaSet` (breakers, latencies) and the size each shard last
+reported. A query takes `FleetSwitch.current` once and finishes on that fleet, so a switch
+never splits one answer across two fleets, and queries already in flight finish on the old
+fleet while new ones go to the new. `FleetSwitch.switch` checks the new fleet first: every
 replica ready (`/readyz` 200: caught up on its partitions) and its `/stats` naming shard `s` of
 `S` at position `s`, so that together they own every partition exactly once. Any doubt: 409 and
 nothing changes.
@@ -53,7 +54,7 @@ class AdminForbidden(VitrineError):
 
 
 @dataclass(frozen=True)
-class FleetView:
+class Fleet:
     generation: int
     addresses: tuple[ShardAddress, ...]
     replicas: ReplicaSet
@@ -63,7 +64,7 @@ class FleetView:
     @classmethod
     def build(
         cls, generation: int, addresses: Sequence[ShardAddress], policy: ReplicaPolicy
-    ) -> FleetView:
+    ) -> Fleet:
         replicas = ReplicaSet.from_urls([a.replicas for a in addresses], policy)
         return cls(generation, tuple(addresses), replicas)
 
@@ -125,34 +126,34 @@ async def _check_replica(
     return None
 
 
-class Fleet:
-    """The current view, swapped whole: readers never lock, switches are one at a time."""
+class FleetSwitch:
+    """The current fleet, swapped whole: readers never lock, switches are one at a time."""
 
     def __init__(self, addresses: Sequence[ShardAddress], policy: ReplicaPolicy) -> None:
         self._policy = policy
         self._switching = asyncio.Lock()
-        self.current = FleetView.build(1, addresses, policy)
+        self.current = Fleet.build(1, addresses, policy)
 
-    async def switch(self, addresses: Sequence[ShardAddress]) -> FleetView:
+    async def switch(self, addresses: Sequence[ShardAddress]) -> Fleet:
         async with self._switching:
             problems = await check_fleet(addresses)
             if problems:
                 raise FleetNotReady("new fleet not ready, still on generation "
                                     f"{self.current.generation}: " + "; ".join(problems))
             old = self.current
-            self.current = FleetView.build(old.generation + 1, addresses, self._policy)
+            self.current = Fleet.build(old.generation + 1, addresses, self._policy)
             log.warning("fleet switched", generation=self.current.generation,
                         shards=self.current.num_shards, was_shards=old.num_shards)
             return self.current
 
 
-FLEET = web.AppKey("fleet", Fleet)
+FLEETS = web.AppKey("fleets", FleetSwitch)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 _GAUGES = web.AppKey("fleet_gauges", Gauge)
 
 
-def add_fleet_routes(app: web.Application, fleet: Fleet, admin_token: str | None) -> None:
-    app[FLEET] = fleet
+def add_fleet_routes(app: web.Application, fleet: FleetSwitch, admin_token: str | None) -> None:
+    app[FLEETS] = fleet
     if admin_token:
         app[ADMIN_TOKEN] = admin_token
     app[_GAUGES] = Gauge("vitrine_router_fleet", "The shard fleet the router fans out to",
@@ -164,7 +165,7 @@ def add_fleet_routes(app: web.Application, fleet: Fleet, admin_token: str | None
 
 async def get_fleet(request: web.Request) -> web.Response:
     _authorize(request)
-    return web.json_response(request.app[FLEET].current.describe())
+    return web.json_response(request.app[FLEETS].current.describe())
 
 
 async def put_fleet(request: web.Request) -> web.Response:
@@ -173,7 +174,7 @@ async def put_fleet(request: web.Request) -> web.Response:
     body = await json_body(request)
     if set(body) != {"shard_urls"}:
         raise InvalidMessage('expected a JSON object {"shard_urls": ...} and nothing else')
-    view = await request.app[FLEET].switch(parse_addresses(body["shard_urls"]))
+    view = await request.app[FLEETS].switch(parse_addresses(body["shard_urls"]))
     _export(request.app)
     return web.json_response(view.describe())
 
@@ -189,6 +190,6 @@ def _authorize(request: web.Request) -> None:
 
 
 def _export(app: web.Application) -> None:
-    view = app[FLEET].current
+    view = app[FLEETS].current
     app[_GAUGES].labels("generation").set(view.generation)
     app[_GAUGES].labels("shards").set(view.num_shards)

@@ -13,7 +13,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from proto.vectors import ProductFields
-from services.router.fleet import Fleet
+from services.router.fleet import FleetSwitch
 from services.router.replicas import Replica
 from vitrine.errors import ProductNotFound, ShardsUnavailable
 from vitrine.kafka import partition_for
@@ -21,7 +21,7 @@ from vitrine.kafka import partition_for
 
 class ProductLookup:
     def __init__(
-        self, session: aiohttp.ClientSession, fleet: Fleet, partitions: int, timeout_s: float
+        self, session: aiohttp.ClientSession, fleet: FleetSwitch, partitions: int, timeout_s: float
     ) -> None:
         self._session = session
         self._fleet = fleet

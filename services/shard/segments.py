@@ -33,7 +33,7 @@ import numpy as np
 
 from services.shard.attributes import CompiledFilter
 from services.shard.index import gpu_available, gpu_resources
-from services.shard.packed import PackedBytes
+from services.shard.packed import IdLookup, PackedBytes
 
 IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw", "torch"]
 GPU_KINDS = ("flat", "ivf_flat", "ivf_pq")  # the sealed kinds FAISS GPU can hold
@@ -97,21 +97,31 @@ class IndexSpec:
 
 @dataclass
 class SealedSegment:
+    """Every per-row table is a numpy array (services/shard/packed.py): the segment holds no
+    Python object per product, so millions of rows cost their data and a few offsets."""
+
     index: Any  # a faiss.Index, or a TorchFlatIndex for kind "torch"
-    ids: list[str]  # row -> product id
+    ids: PackedBytes  # row -> product id, UTF-8
     seqs: np.ndarray  # row -> the store's change number of that vector (int64)
+    versions: np.ndarray  # row -> the product version of that vector (int64)
     vectors: np.ndarray | None  # row -> raw vector, float16 (n, dim); None: not kept
     codes: np.ndarray  # row -> attribute codes, int32 (n, fields)
     fields: PackedBytes  # row -> packed ProductFields: what a hit shows
     spec: IndexSpec  # how it is searched (and rebuilt): the current settings
     trained_on: int  # rows the index was trained on (0: needs no training)
     kind: IndexType  # what it was built as: a rebuild follows a change of settings
+    lookup: IdLookup | None = None  # product id -> rows; built from `ids` when not given
     dead: np.ndarray = field(init=False)  # row -> updated or deleted since sealing
     device_index: Any = field(init=False, default=None)  # the FAISS GPU copy that searches
     _live_bits: np.ndarray | None = field(init=False, default=None)
+    _dead_count: int = field(init=False, default=0)  # kept, not summed: read on every query
 
     def __post_init__(self) -> None:
+        if not len(self.ids) == len(self.seqs) == len(self.versions) == len(self.fields):
+            raise ValueError("sealed segment tables do not line up")
         self.dead = np.zeros(len(self.ids), dtype=bool)
+        if self.lookup is None:
+            self.lookup = IdLookup.of(self.ids)
         if self.spec.gpu and self.kind in GPU_KINDS and len(self.ids):
             self.device_index = gpu_copy(self.index, self.spec)
 
@@ -119,15 +129,36 @@ class SealedSegment:
         return len(self.ids)
 
     def kill(self, row: int) -> None:
-        self.dead[row] = True
+        if not self.dead[row]:
+            self.dead[row] = True
+            self._dead_count += 1
+            self._live_bits = None
+
+    def mark_dead(self, dead: np.ndarray) -> None:
+        """Rows killed elsewhere (a snapshot's, or the base's during a merge): the first
+        len(dead) rows take these bits."""
+        self.dead[: len(dead)] = dead
+        self._dead_count = int(self.dead.sum())
         self._live_bits = None
 
     @property
     def dead_count(self) -> int:
-        return int(self.dead.sum())
+        return self._dead_count
 
     def product_id(self, row: int) -> str:
-        return self.ids[row]
+        return self.ids[row].decode()
+
+    def live_row(self, product_id: str) -> int | None:
+        """The row that holds `product_id` now (older rows of it are dead), or None."""
+        assert self.lookup is not None
+        wanted = product_id.encode()
+        for row in self.lookup.rows_of(wanted).tolist():
+            if not self.dead[row] and self.ids[row] == wanted:
+                return int(row)
+        return None
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.dead)
 
     def product_fields(self, row: int) -> bytes:
         return self.fields[row]
@@ -220,7 +251,9 @@ class SealedSegment:
     def index_bytes(self) -> int:
         """Memory of the ANN structure, the raw vectors and the row tables."""
         raw = self.vectors.nbytes if self.vectors is not None else 0
-        tables = self.codes.nbytes + self.fields.nbytes + 16 * len(self)
+        assert self.lookup is not None
+        tables = self.codes.nbytes + self.fields.nbytes + self.ids.nbytes + self.seqs.nbytes \
+            + self.versions.nbytes + self.dead.nbytes + self.lookup.nbytes
         return index_bytes(self.index) + raw + tables
 
 
@@ -272,8 +305,9 @@ def oversampled_search(
 
 def build_sealed(
     spec: IndexSpec,
-    ids: list[str],
+    ids: PackedBytes,
     seqs: np.ndarray,
+    versions: np.ndarray,
     vectors: np.ndarray,
     codes: np.ndarray,
     fields: PackedBytes,
@@ -287,18 +321,21 @@ def build_sealed(
     if base is not None:
         index = base.index.clone() if base.kind == "torch" else faiss.clone_index(base.index)
         index.add(vectors16.astype(np.float32))
+        assert base.lookup is not None
         merged = SealedSegment(
             index=index,
-            ids=base.ids + list(ids),
+            ids=base.ids.concat(ids),
             seqs=np.concatenate([base.seqs, seqs]),
+            versions=np.concatenate([base.versions, versions]),
             vectors=None if base.vectors is None else np.concatenate([base.vectors, vectors16]),
             codes=np.concatenate([base.codes, codes]),
             fields=base.fields.concat(fields),
             spec=spec,
             trained_on=base.trained_on,
             kind=base.kind,
+            lookup=base.lookup.extended(ids, len(base)),
         )
-        merged.dead[: len(base)] = base.dead
+        merged.mark_dead(base.dead)
         return merged
     full = vectors16.astype(np.float32)
     if spec.kind == "torch":
@@ -309,7 +346,8 @@ def build_sealed(
         index, trained_on = trained_faiss_index(spec, full)
     index.add(full)
     return SealedSegment(
-        index=index, ids=list(ids), seqs=np.asarray(seqs, dtype=np.int64),
+        index=index, ids=ids, seqs=np.asarray(seqs, dtype=np.int64),
+        versions=np.asarray(versions, dtype=np.int64),
         vectors=vectors16 if spec.raw_vectors or spec.kind == "torch" else None,
         codes=np.asarray(codes, dtype=np.int32), fields=fields, spec=spec,
         trained_on=trained_on,

@@ -1,10 +1,11 @@
-"""Shard snapshots: both segments (the sealed FAISS index with its id map, product fields and
-dead rows, the growing buffer), versions (tombstones included), the attribute vocabulary and the
-offset consumed on every owned partition, written as one consistent cut.
+"""Shard snapshots: both segments (the sealed FAISS index with its per-row tables: ids,
+versions, product fields, dead rows; the growing buffer), the versions no live sealed row
+carries (growing products, tombstones), the attribute vocabulary and the offset consumed on
+every owned partition, written as one consistent cut.
 
-Formats: 3 adds the product fields of every row. A format 2 snapshot (the release before)
-still loads, its rows without fields, exactly as a replay of the version 1 records it was
-built from would leave them.
+Formats: 3 adds the product fields of every row and keeps the sealed ids and versions as
+arrays. A format 2 snapshot (the release before) still loads, its rows without fields, exactly
+as a replay of the version 1 records it was built from would leave them.
 
 Atomic by construction: files go to a temporary directory, are fsynced, and the directory is
 renamed into place; a manifest with each file's SHA-256 is written last. Loading walks from
@@ -115,7 +116,9 @@ def _files_of(state: StoreState) -> Iterator[tuple[str, bytes]]:
     if sealed is not None:
         if sealed.kind != "torch":  # a torch index is its raw vectors: rebuilt on load
             yield "sealed.faiss", faiss.serialize_index(sealed.index).tobytes()
-        yield "sealed_ids.msgpack", msgpack.packb(sealed.ids)
+        yield "sealed_ids.npy", _npy_bytes(sealed.ids.data)
+        yield "sealed_id_offsets.npy", _npy_bytes(sealed.ids.offsets)
+        yield "sealed_versions.npy", _npy_bytes(sealed.versions)
         if sealed.vectors is not None:
             yield "sealed_vectors.npy", _npy_bytes(sealed.vectors)
         yield "sealed_codes.npy", _npy_bytes(sealed.codes)
@@ -145,6 +148,7 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
             raise ValueError(f"{filename} does not match its checksum (torn or corrupt)")
         return data
 
+    versions = msgpack.unpackb(read("versions.msgpack"))
     growing_ids = msgpack.unpackb(read("growing_ids.msgpack"))
     growing_vectors = _npy(read("growing_vectors.npy"))
     growing_fields = (
@@ -156,7 +160,13 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
     sealed, dead = None, np.zeros(0, dtype=bool)
     if manifest["sealed"] is not None:
         meta = manifest["sealed"]
-        ids = msgpack.unpackb(read("sealed_ids.msgpack"))
+        if with_fields:
+            ids = PackedBytes(_npy(read("sealed_ids.npy")), _npy(read("sealed_id_offsets.npy")))
+            row_versions = _npy(read("sealed_versions.npy"))
+        else:  # format 2: ids as a list, every version in the one dict
+            listed = msgpack.unpackb(read("sealed_ids.msgpack"))
+            ids = PackedBytes.of(pid.encode() for pid in listed)
+            row_versions = np.array([versions.get(pid, 0) for pid in listed], dtype=np.int64)
         vectors = _npy(read("sealed_vectors.npy")) if meta["raw_vectors"] else None
         if meta["kind"] == "torch":
             from services.shard.torch_index import TorchFlatIndex
@@ -170,18 +180,23 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
             PackedBytes(_npy(read("sealed_fields.npy")), _npy(read("sealed_field_offsets.npy")))
             if with_fields else PackedBytes.of([b""] * len(ids))
         )
+        if not len(ids) == len(row_versions) == len(fields):
+            raise ValueError("sealed segment tables do not line up")
         sealed = SealedSegment(
-            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64), vectors=vectors,
-            codes=_npy(read("sealed_codes.npy")), fields=fields, spec=spec,
-            trained_on=meta["trained_on"], kind=meta["kind"],
+            index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
+            versions=row_versions, vectors=vectors, codes=_npy(read("sealed_codes.npy")),
+            fields=fields, spec=spec, trained_on=meta["trained_on"], kind=meta["kind"],
         )
         dead = _npy(read("sealed_dead.npy")).astype(bool)
         raw_rows = len(ids) if vectors is None else len(vectors)
-        if not len(ids) == meta["rows"] == index.ntotal == raw_rows == len(dead) == len(fields):
+        if not len(ids) == meta["rows"] == index.ntotal == raw_rows == len(dead):
             raise ValueError("sealed segment counts do not match")
+        if not with_fields:  # a live sealed row carries its version: keep the rest only
+            for row in np.flatnonzero(~dead).tolist():
+                versions.pop(sealed.product_id(row), None)
     state = StoreState(
         dim=manifest["dim"],
-        versions=msgpack.unpackb(read("versions.msgpack")),
+        versions=versions,
         vocab=msgpack.unpackb(read("vocab.msgpack")),
         growing_ids=growing_ids,
         growing_vectors=np.ascontiguousarray(growing_vectors, dtype=np.float32),

@@ -13,13 +13,17 @@ against whatever segments are current and never wait for a build.
 Each row carries its product's packed fields (`proto.vectors.ProductFields`: title, image,
 attributes) beside the vector, so a hit leaves the shard complete: the log is the only home of
 what an answer shows.
+
+Memory: the sealed segment, where nearly every product lives, keeps its ids, versions, change
+numbers and fields in numpy tables with an id -> row lookup (services/shard/packed.py). Python
+dicts hold only what is small: the growing buffer's products and the versions of deleted
+products (their tombstones), plus products changed since the last seal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -63,7 +67,8 @@ class StoreState:
     """A consistent cut of a store: what a snapshot writes and a restart loads."""
 
     dim: int
-    versions: dict[str, int]  # every product ever applied, deletes included
+    versions: dict[str, int]  # every version a live sealed row does not carry: the growing
+    # buffer's products and tombstones (a live sealed row carries its own, in the segment)
     vocab: dict[str, list[str]]
     growing_ids: list[str]
     growing_vectors: np.ndarray  # float32
@@ -78,8 +83,9 @@ class _SealJob:
     """What a seal froze: the rows to build from, and the segment they extend (if any)."""
 
     base: SealedSegment | None
-    ids: list[str]
+    ids: PackedBytes
     seqs: np.ndarray
+    versions: np.ndarray
     vectors: np.ndarray
     codes: np.ndarray
     fields: PackedBytes
@@ -105,35 +111,47 @@ class ShardStore:
 
     def clear(self) -> None:
         self.attributes = AttributeCodes(self._fields)
-        self.versions: dict[str, int] = {}
         self.dim: int | None = None
         self.growing: ExactIndex | None = None
         self.sealed: SealedSegment | None = None
-        self._live: dict[str, int] = {}  # live product -> seq of the vector it holds
-        self._sealed_rows: dict[str, int] = {}  # live product in the sealed segment -> row
-        self._seqs = itertools.count()
+        self._versions: dict[str, int] = {}  # what live sealed rows do not say (StoreState)
+        self._growing_seqs: dict[str, int] = {}  # growing product -> its change number
+        self._next_seq = 0
         self._touched: set[str] | None = None  # products changed while a seal is building
         self._generation = getattr(self, "_generation", 0) + 1
         self.sealing = False
 
     def __len__(self) -> int:
-        return len(self._live)
+        sealed = self.sealed
+        live_sealed = len(sealed) - sealed.dead_count if sealed is not None else 0
+        return len(self._growing_seqs) + live_sealed
+
+    def version_of(self, product_id: str) -> int | None:
+        """The version this shard holds for a product, deleted ones included (None: never)."""
+        version = self._versions.get(product_id)
+        if version is not None or self.sealed is None:
+            return version
+        row = self.sealed.live_row(product_id)
+        return None if row is None else int(self.sealed.versions[row])
 
     def apply(self, record: VectorRecord) -> bool:
         """True if the record changed the shard; False for a stale or duplicate record."""
         pid = record.product_id
-        held = self.versions.get(pid)
+        held = self.version_of(pid)
         if held is not None and held >= record.version:
             return False
         if record.op == "delete":
-            self._drop(pid)
+            if self.growing is not None:
+                self.growing.remove(pid)
+            self._growing_seqs.pop(pid, None)
+            self._kill_sealed(pid)
         else:
             growing = self._growing_for(record.dim)
             self._kill_sealed(pid)
             growing.upsert(pid, record.as_array(), self.attributes.encode(record.attributes),
                            record.fields().pack())
-            self._live[pid] = next(self._seqs)
-        self.versions[pid] = record.version
+            self._growing_seqs[pid] = self._take_seqs(1)
+        self._versions[pid] = record.version
         if self._touched is not None:
             self._touched.add(pid)
         return True
@@ -168,18 +186,23 @@ class ShardStore:
 
     def product(self, product_id: str) -> tuple[int, bytes] | None:
         """(version, packed fields) of a live product, or None."""
-        if product_id not in self._live:
+        if product_id in self._growing_seqs:
+            assert self.growing is not None
+            return self._versions[product_id], self.growing.fields_of(product_id)
+        row = self.sealed.live_row(product_id) if self.sealed is not None else None
+        if row is None:
             return None
-        if self.growing is not None and product_id in self.growing:
-            fields = self.growing.fields_of(product_id)
-        else:
-            assert self.sealed is not None
-            fields = self.sealed.fields[self._sealed_rows[product_id]]
-        return self.versions[product_id], fields
+        assert self.sealed is not None
+        return int(self.sealed.versions[row]), self.sealed.fields[row]
 
     def live_versions(self) -> dict[str, int]:
         """product_id -> version of every product this shard would return: for audits."""
-        return {pid: self.versions[pid] for pid in self._live}
+        found = {pid: self._versions[pid] for pid in self._growing_seqs}
+        sealed = self.sealed
+        if sealed is not None:
+            for row in sealed.live_rows().tolist():
+                found[sealed.product_id(row)] = int(sealed.versions[row])
+        return found
 
     def nbytes(self) -> int:
         growing = self.growing.nbytes() if self.growing is not None else 0
@@ -199,63 +222,62 @@ class ShardStore:
         """Freeze, build on a worker thread, swap: the loop only pays for freeze and swap."""
         job = self._freeze()
 
-        def build() -> tuple[SealedSegment, dict[str, int] | None]:
-            segment = build_sealed(
-                self.spec, job.ids, job.seqs, job.vectors, job.codes, job.fields, job.base
+        def build() -> SealedSegment:
+            return build_sealed(
+                self.spec, job.ids, job.seqs, job.versions, job.vectors, job.codes, job.fields,
+                job.base,
             )
-            fresh = None if job.base is not None else {pid: i for i, pid in enumerate(job.ids)}
-            return segment, fresh
 
         try:
-            segment, fresh_rows = await asyncio.to_thread(build)
-            self._swap(job, segment, fresh_rows)
+            segment = await asyncio.to_thread(build)
+            self._swap(job, segment)
         finally:
             self._touched, self.sealing = None, False
 
     def _freeze(self) -> _SealJob:
         assert self.growing is not None
         self.sealing, self._touched = True, set()
-        ids, vectors, codes, growing_fields = self.growing.export()
-        seqs = np.array([self._live[pid] for pid in ids], dtype=np.int64)
+        growing_ids, vectors, codes, growing_fields = self.growing.export()
+        ids = PackedBytes.of(pid.encode() for pid in growing_ids)
+        seqs = np.array([self._growing_seqs[pid] for pid in growing_ids], dtype=np.int64)
+        versions = np.array([self._versions[pid] for pid in growing_ids], dtype=np.int64)
         fields = PackedBytes.of(growing_fields)
         base = self.sealed
-        if base is not None and needs_rebuild(base, len(ids), self.rebuild_dead_ratio):
-            live = np.flatnonzero(~base.dead)
-            ids = [base.ids[r] for r in live] + ids
+        if base is not None and needs_rebuild(base, len(growing_ids), self.rebuild_dead_ratio):
+            live = base.live_rows()
+            ids = base.ids.take(live).concat(ids)
             seqs = np.concatenate([base.seqs[live], seqs])
+            versions = np.concatenate([base.versions[live], versions])
             vectors = np.concatenate([base.raw(live), vectors])
             codes = np.concatenate([base.codes[live], codes])
             fields = base.fields.take(live).concat(fields)
-            frozen = ids[len(live):]
             base = None
-        else:
-            frozen = ids
-        return _SealJob(base, ids, seqs, vectors, codes, fields, list(frozen), self._generation)
+        return _SealJob(base, ids, seqs, versions, vectors, codes, fields, growing_ids,
+                        self._generation)
 
-    def _swap(
-        self, job: _SealJob, segment: SealedSegment, fresh_rows: dict[str, int] | None
-    ) -> None:
-        """Rows whose product changed during the build die; the rest leave the growing buffer."""
+    def _swap(self, job: _SealJob, segment: SealedSegment) -> None:
+        """A row of the new segment counts only if its product still holds that exact change;
+        the growing products it took over leave the buffer (and their versions the dict)."""
         if job.generation != self._generation:
             return  # the store was cleared or reloaded meanwhile: this build is moot
-        if fresh_rows is None and job.base is not None:
-            offset = len(job.base)
-            segment.dead[:offset] = job.base.dead  # rows killed during the build
-            rows = self._sealed_rows
-            rows.update((pid, offset + i) for i, pid in enumerate(job.ids))
-        else:
-            rows = fresh_rows or {}
+        first_new = len(job.base) if job.base is not None else 0
+        if job.base is not None:
+            segment.mark_dead(job.base.dead)  # rows killed during the build
         for pid in self._touched or ():
-            row = rows.get(pid)
-            if row is not None and self._live.get(pid) != segment.seqs[row]:
-                segment.kill(row)
-                del rows[pid]
+            row = segment.live_row(pid)
+            if row is not None and row >= first_new and \
+                    self._growing_seqs.get(pid) != segment.seqs[row]:
+                segment.kill(row)  # changed or deleted since the freeze: its newer state wins
         assert self.growing is not None
         for pid in job.from_growing:
-            if pid in rows:
+            seq = self._growing_seqs.get(pid)
+            row = segment.live_row(pid)
+            if seq is not None and row is not None and segment.seqs[row] == seq:
                 self.growing.remove(pid)
+                del self._growing_seqs[pid]
+                del self._versions[pid]  # the sealed row carries it now
         self.growing.shrink()
-        self.sealed, self._sealed_rows = segment, rows
+        self.sealed = segment
 
     # snapshots
 
@@ -269,7 +291,7 @@ class ShardStore:
         sealed = self.sealed
         return StoreState(
             dim=self.dim or 0,
-            versions=dict(self.versions),
+            versions=dict(self._versions),
             vocab=self.attributes.export(),
             growing_ids=ids,
             growing_vectors=vectors,
@@ -283,7 +305,7 @@ class ShardStore:
         """Replace the content with a snapshot's."""
         self.clear()
         self.attributes = AttributeCodes(self._fields, state.vocab)
-        self.versions = dict(state.versions)
+        self._versions = dict(state.versions)
         if not state.dim:
             return
         self.dim = state.dim
@@ -294,15 +316,19 @@ class ShardStore:
             state.growing_ids, state.growing_vectors.reshape(-1, state.dim), codes,
             self._use_gpu, state.growing_fields,
         )
-        self._live = {pid: next(self._seqs) for pid in state.growing_ids}
+        first = self._take_seqs(len(state.growing_ids))
+        self._growing_seqs = {pid: first + i for i, pid in enumerate(state.growing_ids)}
         if state.sealed is not None:
             sealed = state.sealed
-            sealed.dead[:] = state.sealed_dead
-            sealed.seqs = np.array([next(self._seqs) for _ in sealed.ids], dtype=np.int64)
-            live = np.flatnonzero(~sealed.dead)
-            self._sealed_rows = {sealed.ids[r]: int(r) for r in live}
-            self._live.update((sealed.ids[r], int(sealed.seqs[r])) for r in live)
+            sealed.mark_dead(state.sealed_dead)
+            first = self._take_seqs(len(sealed))
+            sealed.seqs = np.arange(first, first + len(sealed), dtype=np.int64)
             self.sealed = sealed
+
+    def _take_seqs(self, n: int) -> int:
+        """The first of `n` fresh change numbers."""
+        first, self._next_seq = self._next_seq, self._next_seq + n
+        return first
 
     def _growing_for(self, dim: int) -> ExactIndex:
         if self.dim is None:
@@ -313,16 +339,11 @@ class ShardStore:
             self.growing = ExactIndex(dim, self._use_gpu, fields=len(self._fields))
         return self.growing
 
-    def _drop(self, pid: str) -> None:
-        self._live.pop(pid, None)
-        if self.growing is not None:
-            self.growing.remove(pid)
-        self._kill_sealed(pid)
-
     def _kill_sealed(self, pid: str) -> None:
-        row = self._sealed_rows.pop(pid, None)
-        if row is not None and self.sealed is not None:
-            self.sealed.kill(row)
+        if self.sealed is not None:
+            row = self.sealed.live_row(pid)
+            if row is not None:
+                self.sealed.kill(row)
 
 
 def _by_score(hit: tuple[float, str, bytes]) -> tuple[float, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vitrine.stack import LocalStack
+from vitrine.cli.stack import LocalStack
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "vitrine-dashboard.json"
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")

@@ -32,9 +32,10 @@ from tests.helpers import (
     http_json,
     script,
 )
-from vitrine.ingest import EventPublisher, events_from_csv
-from vitrine.stack import LocalStack, StackSettings
-from vitrine.status import probe
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack, StackSettings
+from vitrine.cli.status import probe
 
 pytestmark = pytest.mark.stack
 

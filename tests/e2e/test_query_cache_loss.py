@@ -24,8 +24,9 @@ import redis
 from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
 from tests.helpers import eventually, http_json, scrape
-from vitrine.ingest import EventPublisher, events_from_csv
-from vitrine.stack import LocalStack
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

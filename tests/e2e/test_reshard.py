@@ -31,13 +31,14 @@ from tests.helpers import (
     search_text,
     shard_vectors,
 )
-from vitrine import cli
-from vitrine.control import ControlServer
+from vitrine.catalog import events_from_csv
+from vitrine.cli import main as cli
+from vitrine.cli.control import ControlServer
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack, StackSettings, read_run_file
+from vitrine.cli.status import probe
 from vitrine.errors import VitrineError
-from vitrine.ingest import EventPublisher, events_from_csv
 from vitrine.kafka import partition_for
-from vitrine.stack import LocalStack, StackSettings, read_run_file
-from vitrine.status import probe
 
 pytestmark = pytest.mark.stack
 

@@ -32,10 +32,11 @@ from tests.helpers import (
     search_text,
     shard_vectors,
 )
-from vitrine.ingest import EventPublisher, events_from_csv
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack
 from vitrine.model import load_dual_encoder, product_text
 from vitrine.settings import CommonSettings
-from vitrine.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

@@ -21,9 +21,9 @@ from PIL import Image
 from proto.dlq import DeadLetter
 from tests.conftest import stage_image
 from tests.helpers import DeadLetterReader, eventually, http_json, shard_vectors
-from vitrine.ingest import events_from_csv
+from vitrine.catalog import events_from_csv
+from vitrine.cli.stack import LocalStack
 from vitrine.kafka import partition_for, producer_config
-from vitrine.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

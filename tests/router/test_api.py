@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import http_json, scrape
-from vitrine.stack import LocalStack
+from vitrine.cli.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

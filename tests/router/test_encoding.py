@@ -26,8 +26,8 @@ from services.router.encoding import QueryEncoder, cache_key
 from services.router.metrics import EncodingMetrics
 from services.router.settings import RouterSettings
 from tests.helpers import scrape, search_text
+from vitrine.cli.stack import LocalStack, free_port
 from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder
-from vitrine.stack import LocalStack, free_port
 
 TEXTS = [
     "red leather ankle boots",

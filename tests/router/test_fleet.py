@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proto.stats import ShardStats
-from services.router.fleet import Fleet, FleetNotReady, add_fleet_routes, parse_addresses
+from services.router.fleet import FleetNotReady, FleetSwitch, add_fleet_routes, parse_addresses
 from services.router.replicas import ReplicaPolicy
 from services.router.settings import ShardAddress
 from vitrine.errors import InvalidMessage
@@ -81,7 +81,7 @@ async def fleet_of(start_shard: Start, count: int, replicas: int = 1) -> list[Sh
 
 
 async def test_a_ready_fleet_is_switched_to_and_old_views_stay_whole(start_shard: Start) -> None:
-    fleet = Fleet(await fleet_of(start_shard, 2), ReplicaPolicy())
+    fleet = FleetSwitch(await fleet_of(start_shard, 2), ReplicaPolicy())
     before = fleet.current
     before.sizes.update({0: 10, 1: 12})
     new = await fleet_of(start_shard, 3, replicas=2)
@@ -97,7 +97,7 @@ async def test_a_ready_fleet_is_switched_to_and_old_views_stay_whole(start_shard
 async def test_a_fleet_in_doubt_is_refused_and_nothing_changes(
     start_shard: Start, fault: str
 ) -> None:
-    fleet = Fleet(await fleet_of(start_shard, 2), ReplicaPolicy())
+    fleet = FleetSwitch(await fleet_of(start_shard, 2), ReplicaPolicy())
     new = await fleet_of(start_shard, 3)
     if fault == "not_ready":
         new[1] = ShardAddress(f"{new[1]}|{(await start_shard(1, 3, ready=False)).url}")
@@ -128,7 +128,7 @@ def test_shard_lists_read_like_the_environment_setting() -> None:
 
 async def admin_app(serve: Serve, start_shard: Start, token: str | None) -> str:
     app = base_app("router")
-    add_fleet_routes(app, Fleet(await fleet_of(start_shard, 2), ReplicaPolicy()), token)
+    add_fleet_routes(app, FleetSwitch(await fleet_of(start_shard, 2), ReplicaPolicy()), token)
     return await serve(app)
 
 

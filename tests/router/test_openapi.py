@@ -13,7 +13,7 @@ from openapi_spec_validator import validate
 
 from services.router.query import BODY_FIELDS, SEARCH_PARAMS
 from tests.helpers import http_json
-from vitrine.stack import LocalStack
+from vitrine.cli.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

@@ -30,9 +30,10 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
 from tests.helpers import eventually, ids_of, search_image, search_text
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack
 from vitrine.images import ACCEPTED_FORMATS, CONTENT_TYPES, decode_image, image_content_type
-from vitrine.ingest import EventPublisher, events_from_csv
-from vitrine.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

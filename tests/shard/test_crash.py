@@ -14,10 +14,11 @@ import pytest
 
 from tests.conftest import stage_image
 from tests.helpers import content, eventually, expected_content, script
-from vitrine.ingest import EventPublisher, events_from_csv
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack
+from vitrine.cli.status import probe
 from vitrine.kafka import partition_for
-from vitrine.stack import LocalStack
-from vitrine.status import probe
 
 pytestmark = pytest.mark.stack
 

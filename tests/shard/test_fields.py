@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -136,9 +137,17 @@ def test_a_snapshot_of_the_release_before_still_loads(tmp_path: Path) -> None:
 def _as_format_2(path: Path) -> None:
     """Rewrite a snapshot as the release before wrote it: no fields files, format 2."""
     manifest = json.loads((path / MANIFEST).read_text())
-    for name in ("growing_fields.msgpack", "sealed_fields.npy", "sealed_field_offsets.npy"):
+    for name in ("growing_fields.msgpack", "sealed_fields.npy", "sealed_field_offsets.npy",
+                 "sealed_ids.npy", "sealed_id_offsets.npy", "sealed_versions.npy"):
         (path / name).unlink()
         del manifest["sha256"][name]
+    # format 2 kept the sealed ids as a msgpack list, and every version in one dict
+    ids = [f"p{i}" for i in range(100)]
+    every = dict.fromkeys(ids, 1) | msgpack.unpackb((path / "versions.msgpack").read_bytes())
+    for name, data in (("sealed_ids.msgpack", msgpack.packb(ids)),
+                       ("versions.msgpack", msgpack.packb(every))):
+        (path / name).write_bytes(data)
+        manifest["sha256"][name] = hashlib.sha256(data).hexdigest()
     assert set(manifest["sha256"]) == {
         "versions.msgpack", "vocab.msgpack", "growing_ids.msgpack", "growing_vectors.npy",
         "growing_codes.npy", "sealed.faiss", "sealed_ids.msgpack", "sealed_vectors.npy",

@@ -16,9 +16,10 @@ from tests.helpers import (
     scrape,
     shard_vectors,
 )
-from vitrine.ingest import EventPublisher, events_from_csv
+from vitrine.catalog import events_from_csv
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack
 from vitrine.kafka import partition_for
-from vitrine.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 

@@ -16,12 +16,12 @@ from vitrine.model import (
     WEIGHTS_DIR,
     DualEncoder,
     ModelSpec,
-    _file_digest,
-    _map_by_position,
     load_dual_encoder,
     product_text,
     save_delta,
 )
+from vitrine.model.loading import _map_by_position
+from vitrine.model.spec import file_digest
 from vitrine.settings import CommonSettings
 
 IMAGES = Path("/work/shared/data/fashion/images")
@@ -262,7 +262,7 @@ def test_delta_checkpoint_carries_only_what_changed(
     save_delta(path, fused.model, ["visual.head."], fused.fusion)
     assert path.stat().st_size < 3 * 1024**2  # the projection and fusion, fp16
     loaded = load_dual_encoder(ModelSpec(FUSED.architecture, str(path)), "cpu")
-    assert loaded.model_id == f"vitrine-minilm-efflite0-fused@delta~{_file_digest(path)}"
+    assert loaded.model_id == f"vitrine-minilm-efflite0-fused@delta~{file_digest(path)}"
     texts = ["navy blue shirt", "red dress"]
     np.testing.assert_allclose(
         loaded.encode_products(pictures, texts), fused.encode_products(pictures, texts), atol=1e-6

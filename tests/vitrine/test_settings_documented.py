@@ -12,8 +12,8 @@ from pydantic_settings import BaseSettings
 from services.encoder.settings import EncoderSettings
 from services.router.settings import RouterSettings
 from services.shard.settings import ShardSettings
+from vitrine.cli.stack import StackSettings
 from vitrine.settings import CommonSettings
-from vitrine.stack import StackSettings
 from vitrine.training.train import TrainSettings
 
 README = Path(__file__).resolve().parents[2] / "README.md"

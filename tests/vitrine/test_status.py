@@ -6,8 +6,8 @@ import pytest
 from rich.console import Console
 
 from tests.helpers import shard_vectors
-from vitrine.stack import LocalStack
-from vitrine.status import Fleet, fleet_table
+from vitrine.cli.stack import LocalStack
+from vitrine.cli.status import StackEndpoints, status_table
 
 pytestmark = pytest.mark.stack
 
@@ -15,7 +15,9 @@ pytestmark = pytest.mark.stack
 def render(stack: LocalStack) -> str:
     console = Console(record=True, width=200)
     console.print(
-        fleet_table(Fleet(stack.router_url, stack.encoder_url, stack.shard_urls), sample_s=0.1)
+        status_table(
+            StackEndpoints(stack.router_url, stack.encoder_url, stack.shard_urls), sample_s=0.1
+        )
     )
     return console.export_text()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import eventually, http_json
-from vitrine.stack import LocalStack, StackSettings, Supervisor
-from vitrine.status import probe
+from vitrine.cli.stack import LocalStack, StackSettings, Supervisor
+from vitrine.cli.status import probe
 
 
 def test_backoff_doubles_and_a_deliberate_stop_is_left_alone(tmp_path: Path) -> None:

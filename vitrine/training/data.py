@@ -1,6 +1,6 @@
 """The fashion catalog as training and evaluation data: splits, captions, degraded titles.
 
-Products come through `vitrine.ingest.events_from_csv`, the same reading of the CSV that the
+Products come through `vitrine.catalog.events_from_csv`, the same reading of the CSV that the
 local stack publishes, so training sees exactly the title and attributes the encoder sees.
 The split is fixed by the issue: `id % 10 == 7` is test, `== 3` validation, the rest training.
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vitrine.ingest import events_from_csv
+from vitrine.catalog import events_from_csv
 
 Split = Literal["train", "val", "test"]
 TEST_REMAINDER, VAL_REMAINDER = 7, 3

@@ -9,7 +9,7 @@ answer comes back on the same connection (progress, errors, the end), and nothin
 on disk to clean up after a crash.
 
 The work runs on one long-lived worker thread, not on the request's thread: PR_SET_PDEATHSIG
-(`vitrine.stack._die_with_parent`) fires when the *thread* that started a child exits, so
+(`vitrine.cli.stack._die_with_parent`) fires when the *thread* that started a child exits, so
 shards started from a per-request thread would be killed as soon as the request ended. One
 worker also means one re-shard at a time. Covered by `tests/e2e/test_reshard.py`.
 """
@@ -29,8 +29,8 @@ from typing import Any
 
 import structlog
 
+from vitrine.cli.stack import LocalStack
 from vitrine.errors import VitrineError
-from vitrine.stack import LocalStack
 
 log = structlog.get_logger()
 

@@ -1,15 +1,12 @@
 """Publishing a catalog to `catalog.events`, as the catalog system would.
 
-Reads the layout of the fashion dataset's products.csv; every row becomes an upsert keyed by
-product_id, partitioned like the Java client (murmur2) so other publishers agree with us.
+Every row of a catalog export (vitrine/catalog.py) becomes an upsert keyed by product_id,
+partitioned like the Java client (murmur2) so other publishers agree with us.
 """
 
 from __future__ import annotations
 
-import csv
-import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, Message, Producer
 from tqdm import tqdm
@@ -17,42 +14,6 @@ from tqdm import tqdm
 from proto.catalog import CatalogEvent
 from vitrine.errors import VitrineError
 from vitrine.kafka import partition_for, producer_config
-
-ATTRIBUTE_COLUMNS = (
-    "gender", "master_category", "sub_category", "article_type", "colour", "season", "year",
-    "usage",
-)
-MISSING = {"", "NA"}
-
-
-def events_from_csv(
-    csv_path: Path, images_dir: Path, limit: int | None = None, version: int | None = None
-) -> Iterator[CatalogEvent]:
-    """One upsert per row; `version` defaults to now in ms, so a re-ingest is an update."""
-    version = int(time.time() * 1000) if version is None else version
-    images_dir = images_dir.resolve()
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            if limit is not None and i >= limit:
-                return
-            title = (row.get("title") or "").strip()
-            yield CatalogEvent(
-                op="upsert",
-                product_id=row["id"].strip(),
-                version=version,
-                image_uri=(images_dir / f"{row['id'].strip()}.jpg").as_uri(),
-                title="" if title in MISSING else title,
-                attributes={
-                    col: row[col].strip()
-                    for col in ATTRIBUTE_COLUMNS
-                    if (row.get(col) or "").strip() not in MISSING
-                },
-            )
-
-
-def count_rows(csv_path: Path) -> int:
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        return sum(1 for _ in csv.DictReader(f))
 
 
 class EventPublisher:

@@ -34,10 +34,10 @@ import structlog
 from pydantic import Field
 
 from proto.stats import ShardStats
+from vitrine.cli.status import probe
 from vitrine.errors import VitrineError
 from vitrine.kafka import ensure_topics
 from vitrine.settings import CommonSettings
-from vitrine.status import probe
 
 log = structlog.get_logger()
 
@@ -95,7 +95,7 @@ class Child:
 
 
 @dataclass
-class ShardFleet:
+class FleetChildren:
     """One generation of shard children: names and URLs per shard, replicas in order."""
 
     generation: int = 1
@@ -142,7 +142,7 @@ class LocalStack:
         self.kafka_bootstrap = settings.kafka_bootstrap or ""
         self.redis_url = settings.redis_url or ""
         self.router_url = ""
-        self.fleet = ShardFleet()
+        self.fleet = FleetChildren()
         self.encoder_url = ""
         self.log_dir = settings.state_dir / "logs"
         self.admin_token = secrets.token_urlsafe(24)  # the router's VITRINE_ADMIN_TOKEN
@@ -225,12 +225,12 @@ class LocalStack:
         self._add("router", [*python, "services.router"], {**common, **env},
                   f"{self.router_url}/readyz")
 
-    def _plan_shards(self, num_shards: int, generation: int) -> ShardFleet:
+    def _plan_shards(self, num_shards: int, generation: int) -> FleetChildren:
         """Children for a fleet of `num_shards`, each with its own snapshot dir. Generation 1
         has the plain names (shard-0, shard-0-r1); a re-shard's are shard-g2-0, shard-g2-0-r1."""
         prefix = "shard-" if generation == 1 else f"shard-g{generation}-"
         common = {**self._common_env(), "VITRINE_NUM_SHARDS": str(num_shards)}
-        fleet = ShardFleet(generation)
+        fleet = FleetChildren(generation)
         for shard in range(num_shards):
             names, urls = [], []
             for replica in range(self.settings.shard_replicas):
@@ -378,7 +378,7 @@ class LocalStack:
         finally:
             self._resharding.release()
 
-    def _wait_caught_up(self, fleet: ShardFleet, progress: Progress) -> None:
+    def _wait_caught_up(self, fleet: FleetChildren, progress: Progress) -> None:
         timeout_s = self.settings.reshard_timeout_s
         deadline = time.monotonic() + timeout_s
         last = ""
@@ -398,7 +398,7 @@ class LocalStack:
             time.sleep(0.5)
         raise VitrineError("the stack is stopping")
 
-    def _switch_router(self, fleet: ShardFleet) -> None:
+    def _switch_router(self, fleet: FleetChildren) -> None:
         request = urllib.request.Request(
             f"{self.router_url}/admin/fleet", method="PUT",
             data=json.dumps({"shard_urls": fleet.shard_list()}).encode(),
@@ -411,7 +411,7 @@ class LocalStack:
         except urllib.error.HTTPError as exc:
             raise VitrineError(f"router refused the new fleet: {exc.read().decode()}") from None
 
-    def _adopt(self, fleet: ShardFleet) -> None:
+    def _adopt(self, fleet: FleetChildren) -> None:
         """The new fleet is the stack's: a restarted router, `vitrine status` and the next
         re-shard all see it."""
         with self.lock:

@@ -17,12 +17,13 @@ from rich.console import Console
 
 from proto.catalog import catalog_event_json_schema
 from proto.stats import EncoderStats, ShardStats
-from vitrine.control import ControlServer, request_reshard
+from vitrine.catalog import count_rows, events_from_csv
+from vitrine.cli.control import ControlServer, request_reshard
+from vitrine.cli.ingest import EventPublisher, publish_all
+from vitrine.cli.stack import LocalStack, StackSettings, read_run_file
+from vitrine.cli.status import StackEndpoints, status_table
 from vitrine.errors import VitrineError
-from vitrine.ingest import EventPublisher, count_rows, events_from_csv, publish_all
 from vitrine.service import configure_logging
-from vitrine.stack import LocalStack, StackSettings, read_run_file
-from vitrine.status import Fleet, fleet_table
 
 DEFAULT_DATA = Path("../shared/data/fashion")
 
@@ -93,10 +94,10 @@ def status(
     found = read_run_file(StackSettings().state_dir)
     if found is None:
         raise typer.BadParameter("no running stack found: start `vitrine up` first")
-    fleet = Fleet(found["router_url"], found["encoder_url"], found["shard_urls"])
+    fleet = StackEndpoints(found["router_url"], found["encoder_url"], found["shard_urls"])
     console = Console()
     while True:
-        console.print(fleet_table(fleet))
+        console.print(status_table(fleet))
         if not watch:
             return
         time.sleep(1.0)

@@ -18,7 +18,7 @@ S = TypeVar("S", bound=BaseModel)
 
 
 @dataclass(frozen=True)
-class Fleet:
+class StackEndpoints:
     router_url: str
     encoder_url: str
     shard_urls: list[str]
@@ -35,7 +35,7 @@ def probe(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
         return 0, {"error": str(exc)}
 
 
-def fleet_table(fleet: Fleet, sample_s: float = 1.0) -> Table:
+def status_table(fleet: StackEndpoints, sample_s: float = 1.0) -> Table:
     """Readiness, vectors and lag per shard; readiness, lag and events/s of the encoder."""
     before = _read(f"{fleet.encoder_url}/stats", EncoderStats)
     time.sleep(sample_s)
