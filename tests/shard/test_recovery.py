@@ -5,9 +5,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
+from confluent_kafka import Producer
 
 from proto.catalog import CatalogEvent
+from proto.vectors import VectorRecord
 from tests.conftest import stage_image
 from tests.helpers import (
     eventually,
@@ -19,9 +23,11 @@ from tests.helpers import (
 from vitrine.catalog import events_from_csv
 from vitrine.cli.ingest import EventPublisher
 from vitrine.cli.stack import LocalStack
-from vitrine.kafka import partition_for
+from vitrine.kafka import partition_for, producer_config
 
 pytestmark = pytest.mark.stack
+
+MODEL_DIM = 384  # the shipped model's vectors: a shard refuses another dimension
 
 
 def applied_records(shard_url: str) -> float:
@@ -88,3 +94,40 @@ def test_a_restarted_shard_resumes_from_its_snapshot(
         else:
             assert status == 200 and (held["title"], held["version"]) == (event.title,
                                                                            event.version)
+
+
+def test_a_vector_record_of_the_release_before_is_still_read(stack: LocalStack) -> None:
+    """A version 1 record (no title, no image URI) straight into catalog.vectors, bytes as the
+    release before wrote them: the owning shard applies it, then a v2 update on top."""
+    s = stack.settings
+    vector = np.zeros(MODEL_DIM, dtype=np.float32)
+    vector[0] = 1.0
+    pid = "legacy-v1-record"
+    written_by_v1 = msgpack.packb({
+        "schema_version": 1, "op": "upsert", "product_id": pid, "version": 5, "model_id": "m",
+        "dim": MODEL_DIM, "dtype": "f32", "vector": vector.tobytes(), "event_time_ms": 0,
+        "attributes": {"colour": "Red"},
+    }, use_bin_type=True)
+    partition = partition_for(pid, s.vector_partitions)
+    owner = stack.shard_urls[partition % s.num_shards]
+    producer = Producer(producer_config(stack.kafka_bootstrap))
+    producer.produce(s.vectors_topic, written_by_v1, key=pid.encode(), partition=partition)
+    assert producer.flush(30) == 0
+
+    def held() -> dict | None:
+        status, product = http_json(f"{owner}/products/{pid}")
+        return product if status == 200 else None
+
+    eventually(held, what="the v1 record applied")
+    assert held() == {"product_id": pid, "version": 5, "title": "", "image_uri": "",
+                    "attributes": {"colour": "Red"}}
+    update = VectorRecord.upsert(pid, 6, "m", vector, title="now titled",
+                                 image_uri="file:///nowhere.jpg")
+    producer.produce(s.vectors_topic, update.to_wire(), key=pid.encode(), partition=partition)
+    assert producer.flush(30) == 0
+    eventually(lambda: http_json(f"{owner}/products/{pid}")[1].get("title") == "now titled",
+               what="the v2 update on top")
+    tombstone = VectorRecord.tombstone(pid, 7, "m")
+    producer.produce(s.vectors_topic, tombstone.to_wire(), key=pid.encode(), partition=partition)
+    assert producer.flush(30) == 0
+    eventually(lambda: http_json(f"{owner}/products/{pid}")[0] == 404, what="deleted again")

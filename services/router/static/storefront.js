@@ -80,10 +80,16 @@ function showPartial(answer) {
   const missing = answer.missing_shards ?? [];
   const notice = el("partial-notice");
   notice.hidden = !answer.partial;
-  notice.textContent = answer.partial
-    ? `Partial results: ${missing.length === 1 ? "shard" : "shards"} ${listOf(missing.map(String))} ` +
-      `did not answer, so products ${missing.length === 1 ? "it holds" : "they hold"} are missing below.`
-    : "";
+  if (!answer.partial) {
+    notice.textContent = "";
+  } else if (missing.length === 0) {  // the router's own time ran out: no shard was asked
+    notice.textContent = "Partial results: the search ran out of time before it could ask " +
+      "the catalog. Please try again.";
+  } else {
+    notice.textContent =
+      `Partial results: ${missing.length === 1 ? "shard" : "shards"} ${listOf(missing.map(String))} ` +
+      `did not answer, so products ${missing.length === 1 ? "it holds" : "they hold"} are missing below.`;
+  }
 }
 
 function card(hit) {
