@@ -51,6 +51,7 @@ from tqdm import tqdm
 from proto.search import SearchRequest, SearchResponse
 from proto.vectors import ProductFields
 from services.router.merge import merge_topk
+from services.shard.attributes import NUMBERS
 from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment, index_bytes, trained_faiss_index
 from services.shard.snapshot import Snapshot, write_snapshot
@@ -150,11 +151,12 @@ def write_shard_snapshots(
         ids = [f"p{g}" for g in order]
         assert len(ids) == index.ntotal
         structure += index_bytes(index)
+        width = len(settings.filter_fields) + len(NUMBERS)  # codes, then price and stock
         sealed = SealedSegment(
             index=index, ids=PackedBytes.of(pid.encode() for pid in ids),
             seqs=np.zeros(len(ids), dtype=np.int64), versions=np.ones(len(ids), dtype=np.int64),
             vectors=shard_vectors(catalog, order) if spec.raw_vectors else None,
-            codes=np.zeros((len(ids), len(settings.filter_fields)), dtype=np.int32),
+            codes=np.zeros((len(ids), width), dtype=np.float32),
             fields=PackedBytes.of(synthetic_fields(int(g)) for g in order),
             spec=spec, trained_on=len(ids), kind="ivf_pq",
         )
@@ -162,7 +164,7 @@ def write_shard_snapshots(
             dim=index.d, versions={},  # every product's version is in its sealed row
             vocab={field: [] for field in settings.filter_fields},
             growing_ids=[], growing_vectors=np.zeros((0, index.d), dtype=np.float32),
-            growing_codes=np.zeros((0, len(settings.filter_fields)), dtype=np.int32),
+            growing_codes=np.zeros((0, width), dtype=np.float32),
             growing_fields=[], sealed=sealed, sealed_dead=np.zeros(len(ids), dtype=bool),
         )
         cut = Snapshot(state, {}, settings.vectors_topic, num_shards, shard)

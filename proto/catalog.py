@@ -23,7 +23,9 @@ from proto.codec import (
     validated,
 )
 
-CATALOG_EVENT_SCHEMA_VERSION = 1
+CATALOG_EVENT_SCHEMA_VERSION: Literal[2] = 2
+READABLE_CATALOG_EVENT_VERSIONS = (1, 2)  # 2 adds price and in_stock
+MAX_PRICE = 1e12
 MAX_PRODUCT_ID_LEN = 128
 MAX_TITLE_CHARS = 1024
 MAX_IMAGE_URI_CHARS = 4096
@@ -41,7 +43,7 @@ class CatalogEvent(BaseModel):
 
     model_config = STRICT
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = CATALOG_EVENT_SCHEMA_VERSION
     op: Literal["upsert", "delete"]
     product_id: str = Field(
         min_length=1, max_length=MAX_PRODUCT_ID_LEN, pattern=r"^[A-Za-z0-9._:\-]+$"
@@ -58,9 +60,18 @@ class CatalogEvent(BaseModel):
         default_factory=dict, max_length=MAX_ATTRIBUTES,
         description="Free-form: colour, category, gender, ...",
     )
+    price: float | None = Field(
+        default=None, ge=0, le=MAX_PRICE,
+        description="In the catalog's currency (schema version 2; absent: unknown)",
+    )
+    in_stock: bool | None = Field(
+        default=None, description="Available to buy now (schema version 2; absent: unknown)"
+    )
 
     @model_validator(mode="after")
     def _upsert_needs_image(self) -> CatalogEvent:
+        if self.schema_version == 1 and (self.price is not None or self.in_stock is not None):
+            raise ValueError("price and in_stock need schema_version 2")
         if self.op == "upsert":
             if not self.image_uri:
                 raise ValueError("an upsert needs an image_uri")
@@ -78,7 +89,7 @@ class CatalogEvent(BaseModel):
             payload = _unwrap_connect_envelope(unpack_json(data))
         else:
             payload = unpack(data)
-        check_schema_version(payload, CATALOG_EVENT_SCHEMA_VERSION, "CatalogEvent")
+        check_schema_version(payload, READABLE_CATALOG_EVENT_VERSIONS, "CatalogEvent")
         return validated(cls, payload)
 
 

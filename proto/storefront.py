@@ -8,11 +8,14 @@ against it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class SearchBody(BaseModel):
-    """POST /search: exactly one of `text` and `image_b64`."""
+    """POST /search: exactly one of `text` and `image_b64`; GET /search takes the same options
+    as parameters (`q` for the text, filters as `field=value,value`)."""
 
     model_config = ConfigDict(extra="forbid", title="SearchBody")
 
@@ -24,6 +27,21 @@ class SearchBody(BaseModel):
     filters: dict[str, list[str] | str] = Field(
         default_factory=dict,
         description="Attribute -> accepted values (any of them); every attribute must match",
+    )
+    mode: Literal["dense", "lexical", "hybrid"] | None = Field(
+        default=None,
+        description="Retrieval: dense (vectors), lexical (BM25), hybrid (both, fused by "
+        "reciprocal rank); default: the setting for text, dense for images (the only one)",
+    )
+    offset: int | None = Field(default=None, ge=0, description="Skip this many results: pages")
+    price_min: float | None = Field(default=None, ge=0)
+    price_max: float | None = Field(default=None, ge=0)
+    in_stock: bool | None = Field(default=None, description="Only products in stock (true)")
+    facets: list[str] | str | None = Field(
+        default=None, description="Filterable fields to count values of among the candidates"
+    )
+    collapse: bool | None = Field(
+        default=None, description="Show one result per picture, the others in `also`"
     )
 
 
@@ -37,6 +55,19 @@ class Hit(BaseModel):
     attributes: dict[str, str] = Field(
         default_factory=dict, description="The product's attributes, as its latest event gave"
     )
+    price: float | None = None
+    in_stock: bool | None = None
+    also: list[str] = Field(
+        default_factory=list,
+        description="Products with the same or a nearly identical picture, collapsed into this",
+    )
+
+
+class FacetValue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    value: str
+    count: int = Field(ge=0)
 
 
 class Coverage(BaseModel):
@@ -63,6 +94,15 @@ class SearchAnswer(BaseModel):
         "router's own query encoding when it spent the whole budget",
     )
     coverage: Coverage
+    mode: Literal["dense", "lexical", "hybrid"]
+    offset: int = Field(ge=0)
+    next_offset: int | None = Field(description="The next page's offset; null: no more")
+    facets: dict[str, list[FacetValue]] = Field(
+        default_factory=dict, description="Per facet asked, value counts, most frequent first"
+    )
+    facet_candidates: int = Field(
+        default=0, ge=0, description="How many candidates the facets counted (over all shards)"
+    )
     took_ms: float = Field(ge=0)
 
 

@@ -6,9 +6,10 @@ it is the only home of a product's title, image and attributes (no side store to
 delete is a tombstone record (op="delete", no vector) so it wins over older upserts during a
 replay.
 
-Schema versions: 2 adds `title` and `image_uri`. Version 1 records (written before) still
-read, with both empty: their products stay searchable and show their fields once their next
-event is encoded.
+Schema versions: 2 adds what a hit shows and filters on beyond the attributes: `title`,
+`image_uri`, `price`, `in_stock`, and `image_digest` (what duplicate collapse compares).
+Version 1 records (written before) still read, with all of them empty: their products stay
+searchable and show their fields once their next event is encoded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from proto.catalog import MAX_IMAGE_URI_CHARS, MAX_TITLE_CHARS
+from proto.catalog import MAX_IMAGE_URI_CHARS, MAX_PRICE, MAX_TITLE_CHARS
 from proto.codec import MAX_VERSION, STRICT, check_schema_version, pack, unpack, validated
 from proto.errors import InvalidMessage
 
@@ -37,10 +38,18 @@ class ProductFields(BaseModel):
     title: str = ""
     image_uri: str = ""
     attributes: dict[str, str] = Field(default_factory=dict)
+    price: float | None = None
+    in_stock: bool | None = None
+    image_digest: str = ""
 
     def pack(self) -> bytes:
-        """A msgpack array [title, image_uri, attributes]: no key names repeated per product."""
-        return msgpack.packb([self.title, self.image_uri, self.attributes], use_bin_type=True)
+        """A msgpack array [title, image_uri, attributes, price, in_stock, image_digest]: no
+        key names repeated per product."""
+        return msgpack.packb(
+            [self.title, self.image_uri, self.attributes, self.price, self.in_stock,
+             self.image_digest],
+            use_bin_type=True,
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> ProductFields:
@@ -48,11 +57,15 @@ class ProductFields(BaseModel):
         if not data:
             return cls()
         try:
-            title, image_uri, attributes = msgpack.unpackb(data, raw=False)
-            return cls(title=title, image_uri=image_uri, attributes=attributes)
+            values = msgpack.unpackb(data, raw=False)
+            return cls(**dict(zip(_PACKED_ORDER, values, strict=True)))
         except Exception as exc:  # any bytes: an answer or InvalidMessage, as in proto.codec
-            raise InvalidMessage(f"product fields are not [title, image_uri, attributes]: "
+            raise InvalidMessage(f"product fields are not {list(_PACKED_ORDER)}: "
                                  f"{type(exc).__name__}") from exc
+
+
+_PACKED_ORDER = ("title", "image_uri", "attributes", "price", "in_stock", "image_digest")
+
 
 
 class VectorRecord(BaseModel):
@@ -75,6 +88,12 @@ class VectorRecord(BaseModel):
     )
     title: str = Field(default="", max_length=MAX_TITLE_CHARS)
     image_uri: str = Field(default="", max_length=MAX_IMAGE_URI_CHARS)
+    price: float | None = Field(default=None, ge=0, le=MAX_PRICE)
+    in_stock: bool | None = None
+    image_digest: str = Field(
+        default="", max_length=64, pattern=r"^[0-9a-f]*$",
+        description="Hex digest of the picture's bytes ('' unknown): equal pictures collapse",
+    )
 
     @model_validator(mode="after")
     def _vector_matches_dim(self) -> VectorRecord:
@@ -100,13 +119,17 @@ class VectorRecord(BaseModel):
         attributes: dict[str, str] | None = None,
         title: str = "",
         image_uri: str = "",
+        price: float | None = None,
+        in_stock: bool | None = None,
+        image_digest: str = "",
     ) -> VectorRecord:
         data = np.ascontiguousarray(vector, dtype=_DTYPES[dtype]).reshape(-1)
         return cls(
             op="upsert", product_id=product_id, version=version, model_id=model_id,
             dim=int(data.shape[0]), dtype=dtype, vector=data.tobytes(),
             event_time_ms=event_time_ms, attributes=attributes or {},
-            title=title, image_uri=image_uri,
+            title=title, image_uri=image_uri, price=price, in_stock=in_stock,
+            image_digest=image_digest,
         )
 
     @classmethod
@@ -123,8 +146,10 @@ class VectorRecord(BaseModel):
         return np.frombuffer(self.vector, dtype=_DTYPES[self.dtype]).astype(np.float32)
 
     def fields(self) -> ProductFields:
-        return ProductFields(title=self.title, image_uri=self.image_uri,
-                             attributes=self.attributes)
+        return ProductFields(
+            title=self.title, image_uri=self.image_uri, attributes=self.attributes,
+            price=self.price, in_stock=self.in_stock, image_digest=self.image_digest,
+        )
 
     def to_wire(self) -> bytes:
         return pack(self.model_dump())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -155,7 +156,9 @@ def assert_shards_show_latest_fields(
                 wrong.append((pid, "deleted, still held", status))
             continue
         want = {"product_id": pid, "version": event.version, "title": event.title,
-                "image_uri": event.image_uri, "attributes": event.attributes}
-        if (status, held) != (200, want):
-            wrong.append((pid, want, held))
+                "image_uri": event.image_uri, "attributes": event.attributes,
+                "price": event.price, "in_stock": event.in_stock}
+        digest = held.pop("image_digest", None) if status == 200 else None
+        if (status, held) != (200, want) or not re.fullmatch(r"[0-9a-f]{32}", digest or ""):
+            wrong.append((pid, want, held, digest))
     assert not wrong, wrong[:5]

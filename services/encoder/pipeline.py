@@ -25,7 +25,7 @@ from proto.catalog import CatalogEvent
 from proto.dlq import MAX_ORIGINAL_BYTES, DeadLetter, Stage
 from proto.vectors import VectorRecord
 from vitrine.errors import InvalidMessage, VitrineError
-from vitrine.images import decode_image
+from vitrine.images import decode_image, image_digest
 from vitrine.model import product_text
 
 log = structlog.get_logger()
@@ -132,6 +132,7 @@ class _Upsert:
     raw: RawEvent
     event: CatalogEvent
     pixels: torch.Tensor
+    image_digest: str  # of the picture's bytes: equal pictures collapse in answers
 
 
 class EventTransform:
@@ -194,7 +195,7 @@ class EventTransform:
                 pixels = await asyncio.to_thread(self._preprocess, image)
         except StageFailed as failed:
             return failed
-        return _Upsert(raw, event, pixels)
+        return _Upsert(raw, event, pixels, image_digest(data))
 
     async def _encode(self, ready: list[_Upsert]) -> list[np.ndarray | StageFailed]:
         """One model pass for the batch; if it fails, one pass per event finds the culprit."""
@@ -227,6 +228,7 @@ class EventTransform:
                 event.product_id, event.version, self._model_id, vector,
                 self._limits.vector_dtype, event_time_ms=item.raw.timestamp_ms,
                 attributes=event.attributes, title=event.title, image_uri=event.image_uri or "",
+                price=event.price, in_stock=event.in_stock, image_digest=item.image_digest,
             )
             return Publication(item.raw, event.product_id, self._fits(record))
 

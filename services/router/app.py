@@ -113,7 +113,9 @@ async def _shard_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _search_core(app: web.Application) -> AsyncIterator[None]:
-    app[SEARCH] = SearchCore(app[QUERY_ENCODER], app[SHARDS], app[FLEETS], app[METRICS])
+    app[SEARCH] = SearchCore(
+        app[QUERY_ENCODER], app[SHARDS], app[FLEETS], app[METRICS], app[SETTINGS]
+    )
     yield
 
 

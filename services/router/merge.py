@@ -6,6 +6,8 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from proto.search import SearchResponse
 
 
@@ -15,6 +17,7 @@ class Merged:
     score: float
     shard_id: int
     fields: bytes  # packed ProductFields, as the shard holds them
+    vector: np.ndarray | None = None  # when asked for (duplicate collapse)
 
 
 def merge_topk(responses: Iterable[SearchResponse], k: int, query: int = 0) -> list[Merged]:
@@ -25,5 +28,6 @@ def merge_topk(responses: Iterable[SearchResponse], k: int, query: int = 0) -> l
         scored = zip(response.ids[query], response.scores[query], strict=True)
         for i, (pid, score) in enumerate(scored):
             if pid not in best or score > best[pid].score:
-                best[pid] = Merged(pid, score, response.shard_id, response.fields_of(query, i))
+                best[pid] = Merged(pid, score, response.shard_id, response.fields_of(query, i),
+                                   response.vector_of(query, i))
     return heapq.nlargest(k, best.values(), key=lambda hit: (hit.score, hit.product_id))

@@ -66,6 +66,18 @@ def _search_get(settings: RouterSettings) -> dict[str, Any]:
         "budget_ms": ("End-to-end budget in ms (also the X-Vitrine-Budget-Ms header)", False,
                       {"type": "number", "exclusiveMinimum": 0,
                        "maximum": settings.max_budget_ms}),
+        "mode": (f"dense, lexical or hybrid (default {settings.default_mode})", False,
+                 {"type": "string", "enum": ["dense", "lexical", "hybrid"]}),
+        "offset": ("Skip this many results: pages", False,
+                   {"type": "integer", "minimum": 0, "maximum": settings.max_offset}),
+        "price_min": ("Lowest price", False, {"type": "number", "minimum": 0}),
+        "price_max": ("Highest price", False, {"type": "number", "minimum": 0}),
+        "in_stock": ("true: only products in stock", False,
+                     {"type": "string", "enum": ["true", "false"]}),
+        "facets": ("Filterable fields to count values of, comma-separated", False,
+                   {"type": "string"}),
+        "collapse": (f"One result per picture (default {str(settings.collapse).lower()})",
+                     False, {"type": "string", "enum": ["true", "false"]}),
     }
     assert set(described) == set(SEARCH_PARAMS), "the document and the parser agree"
     parameters = [

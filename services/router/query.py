@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from aiohttp import web
 from multidict import MultiMapping
 from PIL import Image
 
+from proto.catalog import MAX_PRICE
+from proto.search import MAX_FACETS, Mode
 from services.router.settings import RouterSettings
 from vitrine.errors import ImageRejected, InvalidQuery
 from vitrine.images import decode_image
@@ -25,20 +28,32 @@ MAX_FILTER_VALUES = 50
 MAX_FILTER_VALUE_CHARS = 128
 
 
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+
 @dataclass(frozen=True)
 class Query:
     k: int
     text: str | None = None
     image: Image.Image | None = None
     filters: dict[str, list[str]] = field(default_factory=dict)
+    mode: Mode = "dense"
+    offset: int = 0
+    price_min: float | None = None
+    price_max: float | None = None
+    in_stock: bool | None = None
+    facets: list[str] = field(default_factory=list)
+    collapse: bool = True
 
     @property
     def kind(self) -> str:
         return "text" if self.text is not None else "image"
 
 
-SEARCH_PARAMS = ("q", "k", "budget_ms")  # GET /search takes these and the filter fields
-BODY_FIELDS = ("text", "image_b64", "k", "filters")
+# GET /search takes these and the filter fields; POST /search the body fields
+OPTIONS = ("mode", "offset", "price_min", "price_max", "in_stock", "facets", "collapse")
+SEARCH_PARAMS = ("q", "k", "budget_ms", *OPTIONS)
+BODY_FIELDS = ("text", "image_b64", "k", "filters", *OPTIONS)
 
 
 def query_from_params(params: MultiMapping[str], settings: RouterSettings) -> Query:
@@ -57,11 +72,10 @@ def query_from_params(params: MultiMapping[str], settings: RouterSettings) -> Qu
         for name in settings.filter_fields
         if name in params
     }
-    return Query(
-        k=_k(params.get("k"), settings),
-        text=_text(params.get("q"), settings),
-        filters=_filters(filters, settings),
-    )
+    options: dict[str, Any] = {name: params[name] for name in OPTIONS if name in params}
+    return _query(settings, k=_k(params.get("k"), settings),
+                  text=_text(params.get("q"), settings), filters=_filters(filters, settings),
+                  from_url=True, **options)
 
 
 async def query_from_body(request: web.Request, settings: RouterSettings) -> Query:
@@ -79,9 +93,103 @@ def query_from_json(body: dict[str, Any], settings: RouterSettings) -> Query:
         raise InvalidQuery('give exactly one of "text" or "image_b64"')
     k = _k(body.get("k"), settings)
     filters = _filters(body.get("filters", {}), settings)
+    options = {name: body[name] for name in OPTIONS if name in body}
     if "text" in body:
-        return Query(k=k, text=_text(body["text"], settings), filters=filters)
-    return Query(k=k, image=_image(body["image_b64"], settings), filters=filters)
+        return _query(settings, k=k, text=_text(body["text"], settings), filters=filters,
+                      **options)
+    return _query(settings, k=k, image=_image(body["image_b64"], settings), filters=filters,
+                  **options)
+
+
+def _query(
+    settings: RouterSettings,
+    k: int,
+    filters: dict[str, list[str]],
+    text: str | None = None,
+    image: Image.Image | None = None,
+    from_url: bool = False,
+    **options: Any,
+) -> Query:
+    """The options as they arrived (JSON values, or strings from a URL), checked and typed.
+    A JSON body says numbers and booleans as JSON does: "12" and "true" are refused there."""
+    if not from_url:
+        for name, value in options.items():
+            if name != "mode" and name != "facets" and isinstance(value, str):
+                raise InvalidQuery(f"{name} must be a JSON number or boolean, not a string")
+    mode = _mode(options.get("mode"), text is not None, settings)
+    price_min = _price(options.get("price_min"), "price_min")
+    price_max = _price(options.get("price_max"), "price_max")
+    if price_min is not None and price_max is not None and price_min > price_max:
+        raise InvalidQuery(f"price_min {price_min:g} is above price_max {price_max:g}")
+    return Query(
+        k=k, text=text, image=image, filters=filters, mode=mode,
+        offset=_offset(options.get("offset"), settings),
+        price_min=price_min, price_max=price_max,
+        in_stock=_flag(options.get("in_stock"), "in_stock"),
+        facets=_facets(options.get("facets"), settings),
+        collapse=bool(_flag(options.get("collapse"), "collapse", default=settings.collapse)),
+    )
+
+
+def _mode(raw: Any, is_text: bool, settings: RouterSettings) -> Mode:
+    if raw is None:
+        return settings.default_mode if is_text else "dense"
+    if raw not in MODES:
+        raise InvalidQuery(f"mode must be one of {', '.join(MODES)}, got {_shown(raw)}")
+    if not is_text and raw != "dense":
+        raise InvalidQuery("an image query is dense: mode lexical and hybrid need text")
+    return raw  # type: ignore[no-any-return]  # one of MODES, checked above
+
+
+def _offset(raw: Any, settings: RouterSettings) -> int:
+    if raw is None:
+        return 0
+    offset = _integer(raw, "offset")
+    if not 0 <= offset <= settings.max_offset:
+        raise InvalidQuery(f"offset must be between 0 and {settings.max_offset}, got {offset}")
+    return offset
+
+
+def _price(raw: Any, name: str) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise InvalidQuery(f"{name} must be a number, got {_shown(raw)}")
+    try:
+        price = float(raw)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidQuery(f"{name} must be a number, got {_shown(raw)}") from exc
+    if not math.isfinite(price) or not 0 <= price <= MAX_PRICE:
+        raise InvalidQuery(f"{name} must be between 0 and {MAX_PRICE:g}, got {_shown(raw)}")
+    return price
+
+
+def _flag(raw: Any, name: str, default: bool | None = None) -> bool | None:
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        return raw
+    if raw in ("true", "false"):
+        return raw == "true"
+    raise InvalidQuery(f"{name} must be true or false, got {_shown(raw)}")
+
+
+def _facets(raw: Any, settings: RouterSettings) -> list[str]:
+    if raw is None:
+        return []
+    listed = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
+        raise InvalidQuery('facets must be a list of field names like ["colour"]')
+    names = list(dict.fromkeys(v.strip() for v in listed if v.strip()))
+    for name in names:
+        if name not in settings.filter_fields:
+            raise InvalidQuery(
+                f"cannot count facets of {_shown(name)}: facet fields are the filterable "
+                f"fields {', '.join(settings.filter_fields)}"
+            )
+    if len(names) > MAX_FACETS:
+        raise InvalidQuery(f"at most {MAX_FACETS} facets")
+    return names
 
 
 BUDGET_HEADER = "X-Vitrine-Budget-Ms"
@@ -109,17 +217,22 @@ def budget_ms(request: web.Request, settings: RouterSettings) -> float:
 def _k(raw: Any, settings: RouterSettings) -> int:
     if raw is None:
         return settings.default_k
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise InvalidQuery(f"k must be an integer, got {_shown(raw)}")
-    try:
-        k = int(raw)
-    except (ValueError, OverflowError) as exc:  # "many", NaN, infinity
-        raise InvalidQuery(f"k must be an integer, got {_shown(raw)}") from exc
-    if isinstance(raw, float) and raw != k:
-        raise InvalidQuery(f"k must be an integer, got {_shown(raw)}")
+    k = _integer(raw, "k")
     if not 1 <= k <= settings.max_k:
         raise InvalidQuery(f"k must be between 1 and {settings.max_k}, got {k}")
     return k
+
+
+def _integer(raw: Any, name: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise InvalidQuery(f"{name} must be an integer, got {_shown(raw)}")
+    try:
+        value = int(raw)
+    except (ValueError, OverflowError) as exc:  # "many", NaN, infinity
+        raise InvalidQuery(f"{name} must be an integer, got {_shown(raw)}") from exc
+    if isinstance(raw, float) and raw != value:
+        raise InvalidQuery(f"{name} must be an integer, got {_shown(raw)}")
+    return value
 
 
 def _filters(raw: Any, settings: RouterSettings) -> dict[str, list[str]]:

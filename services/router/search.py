@@ -1,22 +1,26 @@
 """The router's search core: a query in, a typed `SearchAnswer` out, under one deadline.
 
-Encode the query (text through the cache and batcher, pictures directly), fan out to the
-current fleet with what is left of the budget, merge the complete hits. The HTTP handlers
-(services/router/app.py) only decode, call and encode. Covered by tests/router/test_api.py
-and the end-to-end tests.
+Encode the query (text through the cache and batcher, pictures directly; a lexical query needs
+no vector), fan out to the current fleet with what is left of the budget, merge the complete
+hits, collapse duplicate pictures, cut the page, sum the facet counts. The HTTP handlers
+(services/router/app.py) only decode, call and encode. Covered by tests/router/test_api.py,
+tests/router/test_collapse.py and the end-to-end tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
 import structlog
 
-from proto.search import SearchRequest
-from proto.storefront import Coverage, Hit, SearchAnswer
+from proto.search import MAX_K, SearchRequest, SearchResponse
+from proto.storefront import Coverage, FacetValue, Hit, SearchAnswer
 from proto.vectors import ProductFields
 from services.router.encoding import QueryEncoder
 from services.router.fanout import fan_out
@@ -24,9 +28,12 @@ from services.router.fleet import FleetSwitch
 from services.router.merge import Merged, merge_topk
 from services.router.metrics import RouterMetrics
 from services.router.query import Query
+from services.router.settings import RouterSettings
 from vitrine.errors import InvalidMessage, InvalidQuery
 
 log = structlog.get_logger()
+
+COLLAPSE_FETCH = 3  # collapsing asks the shards for this many times the page's depth
 
 
 class SearchCore:
@@ -38,11 +45,13 @@ class SearchCore:
         shards: aiohttp.ClientSession,
         fleets: FleetSwitch,
         metrics: RouterMetrics,
+        settings: RouterSettings,
     ) -> None:
         self._encoder = encoder
         self._shards = shards
         self._fleets = fleets
         self._metrics = metrics
+        self._settings = settings
 
     async def answer(
         self, query: Query, budget_ms: float, request_id: str, started: float
@@ -52,7 +61,7 @@ class SearchCore:
         metrics = self._metrics
         deadline = started + budget_ms / 1000
         with metrics.stage_seconds.labels("encode").time():
-            vector = await _encode(self._encoder, query)
+            vector = await self._encode(query)
         encoded = time.monotonic()
         fleet = self._fleets.current  # one fleet per answer: a re-shard never splits a query
         sizes = fleet.sizes
@@ -64,16 +73,20 @@ class SearchCore:
                       "no time was left to ask the shards")
             return SearchAnswer(
                 results=[], partial=True, missing_shards=[], partial_reason=reason,
-                coverage=coverage(0, fleet.num_shards, 0, sizes),
-                took_ms=round(spent, 3),
+                coverage=coverage(0, fleet.num_shards, 0, sizes), mode=query.mode,
+                offset=query.offset, next_offset=None, took_ms=round(spent, 3),
             )
-        shard_query = SearchRequest.build(
-            vector, query.k, (deadline - encoded) * 1000, request_id, query.filters
-        )
+        depth = query.offset + query.k
+        # one more than the page: whether a next page exists
+        fetch = min(MAX_K, depth * COLLAPSE_FETCH if query.collapse else depth + 1)
+        shard_query = self._shard_request(query, vector, fetch, deadline - encoded, request_id)
         with metrics.stage_seconds.labels("fanout").time():
             fanned = await fan_out(self._shards, fleet.replicas, shard_query, deadline, metrics)
         with metrics.stage_seconds.labels("merge").time():
-            hits = [_hit(merged) for merged in merge_topk(fanned.responses, query.k)]
+            merged = merge_topk(fanned.responses, fetch)
+            ranked = collapse(merged, self._settings.collapse_cosine) if query.collapse \
+                else [Group(hit) for hit in merged]
+            page = [_hit(group) for group in ranked[query.offset: depth]]
         for shard in fanned.missing:
             metrics.shard_failures.labels(str(shard)).inc()
         sizes.update({r.shard_id: r.searched for r in fanned.responses})
@@ -81,26 +94,132 @@ class SearchCore:
         partial = bool(fanned.missing)
         metrics.queries.labels(query.kind, str(not partial).lower()).inc()
         return SearchAnswer(
-            results=hits,
+            results=page,
             partial=partial,
             missing_shards=sorted(fanned.missing),
             partial_reason="; ".join(
                 f"shard {shard}: {why}" for shard, why in sorted(fanned.missing.items())
             ) or None,
             coverage=coverage(len(fanned.responses), fleet.num_shards, searched, sizes),
+            mode=query.mode,
+            offset=query.offset,
+            next_offset=depth if len(ranked) > depth and depth <= self._settings.max_offset
+            else None,
+            facets=merge_facets(fanned.responses) if query.facets else {},
+            facet_candidates=sum(sum(r.facet_candidates) for r in fanned.responses),
             took_ms=round((time.monotonic() - started) * 1000, 3),
         )
 
+    def _shard_request(
+        self, query: Query, vector: np.ndarray, fetch: int, left_s: float, request_id: str
+    ) -> SearchRequest:
+        return SearchRequest.build(
+            vector, fetch, left_s * 1000, request_id, query.filters,
+            mode=query.mode,
+            texts=[query.text] if query.mode != "dense" and query.text is not None else [],
+            price_min=query.price_min, price_max=query.price_max, in_stock=query.in_stock,
+            facets=query.facets,
+            facet_candidates=self._settings.facet_candidates if query.facets else 0,
+            with_vectors=query.collapse,
+        )
 
-def _hit(merged: Merged) -> Hit:
-    try:
-        fields = ProductFields.unpack(merged.fields)
-    except InvalidMessage as exc:  # a shard's bug: the hit still counts, without its fields
-        log.warning("unreadable product fields", product_id=merged.product_id, reason=str(exc))
-        fields = ProductFields()
+    async def _encode(self, query: Query) -> np.ndarray:
+        """The query as a (1, dim) matrix: text through the cache and batcher, images
+        directly; a lexical query needs no vector (the shards ignore it)."""
+        encoder = self._encoder
+        if query.mode == "lexical":
+            return np.zeros((1, encoder.model.dim), dtype=np.float32)
+        if query.text is not None:
+            return (await encoder.encode_text(query.text))[np.newaxis]
+        assert query.image is not None
+        model = encoder.model
+        try:  # any aspect ratio the encoder accepts; whatever else the picture holds is its fault
+            pixels = await asyncio.to_thread(model.preprocess_image, query.image)
+        except Exception as exc:
+            raise InvalidQuery(f"image_b64 cannot be prepared for the model: {exc}") from exc
+        return await asyncio.to_thread(model.encode_pixels, [pixels])
+
+
+@dataclass
+class Group:
+    """One result: the best hit of a picture, and the products that show it too."""
+
+    best: Merged
+    fields: ProductFields = field(default_factory=ProductFields)
+    also: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            self.fields = ProductFields.unpack(self.best.fields)
+        except InvalidMessage as exc:  # a shard's bug: the hit still counts, without fields
+            log.warning("unreadable product fields", product_id=self.best.product_id,
+                        reason=str(exc))
+
+
+def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
+    """Best first, each hit joins the first better one with the same picture digest or a
+    vector at least `cosine` close; the rest are results. Across shards, since the hits are
+    merged already."""
+    groups: list[Group] = []
+    by_digest: dict[str, Group] = {}
+    units: list[np.ndarray] = []  # the unit vectors of the groups that have one...
+    owners: list[Group] = []  # ...and whose they are
+    for hit in hits:
+        group = Group(hit)
+        digest = group.fields.image_digest
+        twin = by_digest.get(digest) if digest else None
+        unit = _unit(hit.vector)
+        if twin is None and unit is not None and units and len(units[0]) == len(unit):
+            closeness = np.stack(units) @ unit
+            best = int(np.argmax(closeness))
+            if closeness[best] >= cosine:
+                twin = owners[best]
+        if twin is not None:
+            twin.also.append(hit.product_id)
+            continue
+        groups.append(group)
+        if digest:
+            by_digest[digest] = group
+        if unit is not None and (not units or len(units[0]) == len(unit)):
+            units.append(unit)
+            owners.append(group)
+    return groups
+
+
+def _unit(vector: np.ndarray | None) -> np.ndarray | None:
+    if vector is None or not len(vector):
+        return None
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else None
+
+
+def merge_facets(responses: Sequence[SearchResponse]) -> dict[str, list[FacetValue]]:
+    """The shards' facet counts summed; a value counts case-insensitively and shows as most
+    often spelled; most frequent first, then alphabetical."""
+    counts: dict[str, Counter[str]] = {}
+    spellings: dict[str, dict[str, Counter[str]]] = {}
+    for response in responses:
+        for facets in response.facets[:1]:  # the router asks one query per request
+            for name, values in facets.items():
+                for value, count in values.items():
+                    key = value.strip().casefold()
+                    counts.setdefault(name, Counter())[key] += count
+                    spellings.setdefault(name, {}).setdefault(key, Counter())[value] += count
+    return {
+        name: [
+            FacetValue(value=spellings[name][key].most_common(1)[0][0], count=count)
+            for key, count in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
+        for name, values in counts.items()
+    }
+
+
+def _hit(group: Group) -> Hit:
+    fields, best = group.fields, group.best
     return Hit(
-        product_id=merged.product_id, score=round(merged.score, 6), title=fields.title,
-        image_uri=fields.image_uri, attributes=fields.attributes,
+        product_id=best.product_id, score=round(best.score, 6), title=fields.title,
+        image_uri=fields.image_uri, attributes=fields.attributes, price=fields.price,
+        in_stock=fields.in_stock, also=group.also,
     )
 
 
@@ -115,16 +234,3 @@ def coverage(answered: int, shards: int, searched: int, sizes: dict[int, int]) -
         vectors_total=total,
         ratio=round(searched / total, 6) if total else float(answered == shards),
     )
-
-
-async def _encode(encoder: QueryEncoder, query: Query) -> np.ndarray:
-    """The query as a (1, dim) matrix: text through the cache and batcher, images directly."""
-    if query.text is not None:
-        return (await encoder.encode_text(query.text))[np.newaxis]
-    assert query.image is not None
-    model = encoder.model
-    try:  # any aspect ratio the encoder accepts; whatever else the picture holds is its fault
-        pixels = await asyncio.to_thread(model.preprocess_image, query.image)
-    except Exception as exc:
-        raise InvalidQuery(f"image_b64 cannot be prepared for the model: {exc}") from exc
-    return await asyncio.to_thread(model.encode_pixels, [pixels])

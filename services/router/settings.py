@@ -6,6 +6,7 @@ from pydantic import Field, GetCoreSchemaHandler, SecretStr, field_validator
 from pydantic_core import core_schema
 from pydantic_settings import NoDecode
 
+from proto.search import Mode
 from services.router.replicas import ReplicaPolicy
 from vitrine.settings import CommonSettings
 
@@ -61,6 +62,19 @@ class RouterSettings(CommonSettings):
     hedge_max_ms: float = Field(default=50.0, ge=0, description="ceiling of the hedge delay")
     hedge_default_ms: float = Field(
         default=15.0, ge=0, description="hedge delay before a replica has a p95 of its own"
+    )
+    # retrieval (services/router/search.py)
+    default_mode: Mode = Field(
+        default="hybrid", description="text queries' retrieval when none is asked (measured)"
+    )
+    max_offset: int = Field(default=500, ge=0, le=900, description="deepest page start")
+    facet_candidates: int = Field(
+        default=200, ge=1, le=1000, description="best candidates per shard the facets count"
+    )
+    collapse: bool = Field(default=True, description="collapse duplicate pictures by default")
+    collapse_cosine: float = Field(
+        default=0.97, gt=0, le=1,
+        description="products whose vectors are at least this close collapse as duplicates",
     )
     # query encoding (services/router/encoding.py): text-vector cache and micro-batching
     redis_url: str | None = Field(

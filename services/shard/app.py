@@ -14,11 +14,13 @@ from confluent_kafka import Consumer
 from proto.search import SearchRequest, SearchResponse
 from proto.stats import SegmentStats, ShardStats
 from proto.vectors import ProductFields
+from services.shard.attributes import RowFilter
 from services.shard.batching import QueryBatcher
+from services.shard.hybrid import count_facets, reciprocal_rank_fusion, weighted_fusion
 from services.shard.metrics import ShardMetrics
 from services.shard.replicator import VectorReplicator
 from services.shard.settings import ShardSettings
-from services.shard.store import ShardStore
+from services.shard.store import Hits, ShardStore
 from vitrine.errors import ProductNotFound
 from vitrine.kafka import AsyncConsumer, consumer_config, ensure_topics
 from vitrine.service import READINESS, REGISTRY, background, base_app, limit_compute_threads
@@ -106,17 +108,46 @@ async def search(request: web.Request) -> web.Response:
     if not app[READINESS].ready:
         raise web.HTTPServiceUnavailable(text=f"shard not ready: {app[READINESS].reason}")
     _drop_if_expired(app, arrived, query.budget_ms)
-    hits = await app[BATCHER].search(query.query_matrix(), query.k, query.filters)
+    where = RowFilter(query.filters, query.price_min, query.price_max, query.in_stock)
+    depth = max(query.k, query.facet_candidates)
+    hits = await _ranked(app, query, where, depth)
     _drop_if_expired(app, arrived, query.budget_ms)
+    store, v2 = app[STORE], query.schema_version >= 2
+    facets = [count_facets(fields[: query.facet_candidates], query.facets)
+              for fields in hits.fields] if query.facets else []
+    top = hits.head(query.k)
     answer = SearchResponse(  # in the version asked: a router of the release before reads v1
         schema_version=query.schema_version,
         shard_id=app[SETTINGS].shard_id,
-        ids=hits.ids,
-        scores=hits.scores,
-        fields=hits.fields if query.schema_version >= 2 else [],
-        searched=len(app[STORE]),
+        ids=top.ids,
+        scores=top.scores,
+        fields=top.fields if v2 else [],
+        vectors=[store.vectors_of(ids) for ids in top.ids] if v2 and query.with_vectors else [],
+        facets=facets if v2 else [],
+        facet_candidates=[min(len(f), query.facet_candidates) for f in hits.fields]
+        if v2 and query.facets else [],
+        searched=len(store),
     )
     return web.Response(body=answer.to_wire(), content_type=MSGPACK)
+
+
+async def _ranked(app: web.Application, query: SearchRequest, where: RowFilter, depth: int) -> Hits:
+    """The best `depth` products per query in the query's mode; filters inside every scan."""
+    store = app[STORE]
+    filters = where or None
+    if query.facets:
+        store.attributes.check_fields(query.facets, "facet")
+    if query.mode == "dense":
+        return await app[BATCHER].search(query.query_matrix(), depth, filters)
+    if query.mode == "lexical":
+        return store.lexical_search(query.texts, depth, filters)
+    settings = app[SETTINGS]
+    candidates = max(depth, settings.hybrid_candidates)
+    dense = await app[BATCHER].search(query.query_matrix(), candidates, filters)
+    lexical = store.lexical_search(query.texts, candidates, filters)
+    if settings.hybrid_fusion == "rrf":
+        return reciprocal_rank_fusion(dense, lexical, depth, settings.rrf_k)
+    return weighted_fusion(dense, lexical, depth, settings.hybrid_weight)
 
 
 def _drop_if_expired(app: web.Application, arrived: float, budget_ms: float) -> None:

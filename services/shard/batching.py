@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.shard.attributes import RowFilter
 from services.shard.store import Hits
 
-Filters = Mapping[str, Sequence[str]]
-SearchFn = Callable[[np.ndarray, int, Filters | None], Hits]
+SearchFn = Callable[[np.ndarray, int, RowFilter | None], Hits]
 
 
 @dataclass
@@ -38,14 +38,21 @@ class QueryBatcher:
         self._search = search
         self._max_rows = max_rows
         self._on_batch = on_batch  # (queries in the call, seconds it took)
-        self._parked: dict[tuple[int, tuple[tuple[str, tuple[str, ...]], ...]], list[_Parked]] = {}
+        self._parked: dict[tuple[int, tuple[object, ...]], list[_Parked]] = {}
+        self._filters: dict[tuple[int, tuple[object, ...]], RowFilter | None] = {}
         self._flush_scheduled = False
 
-    async def search(self, queries: np.ndarray, k: int, filters: Filters | None = None) -> Hits:
+    async def search(
+        self, queries: np.ndarray, k: int,
+        filters: RowFilter | Mapping[str, Sequence[str]] | None = None,
+    ) -> Hits:
         loop = asyncio.get_running_loop()
-        key = (queries.shape[1], tuple(sorted((f, tuple(v)) for f, v in (filters or {}).items())))
+        if filters is not None and not isinstance(filters, RowFilter):
+            filters = RowFilter(attributes=filters)
+        key = (queries.shape[1], filters.key() if filters else ())
         parked = _Parked(queries, k, loop.create_future())
         self._parked.setdefault(key, []).append(parked)
+        self._filters[key] = filters or None
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -54,9 +61,10 @@ class QueryBatcher:
     def _flush(self) -> None:
         self._flush_scheduled = False
         parked, self._parked = self._parked, {}
-        for (_, filters), group in parked.items():
+        filters, self._filters = self._filters, {}
+        for key, group in parked.items():
             for batch in self._batches(group):
-                self._run(batch, {f: list(v) for f, v in filters} or None)
+                self._run(batch, filters[key])
 
     def _batches(self, group: list[_Parked]) -> list[list[_Parked]]:
         batches: list[list[_Parked]] = [[]]
@@ -69,7 +77,7 @@ class QueryBatcher:
             rows += len(item.queries)
         return batches
 
-    def _run(self, batch: list[_Parked], filters: Filters | None) -> None:
+    def _run(self, batch: list[_Parked], filters: RowFilter | None) -> None:
         live = [item for item in batch if not item.future.done()]  # a cancelled request
         if not live:
             return
@@ -86,9 +94,5 @@ class QueryBatcher:
         start = 0
         for item in live:
             stop = start + len(item.queries)
-            item.future.set_result(Hits(
-                [row[: item.k] for row in hits.scores[start:stop]],
-                [row[: item.k] for row in hits.ids[start:stop]],
-                [row[: item.k] for row in hits.fields[start:stop]],
-            ))
+            item.future.set_result(hits.head(item.k, start, stop))
             start = stop

@@ -2,8 +2,8 @@
 
 Owning the storage makes upsert and delete O(1) (swap-remove), which no FAISS GPU index offers,
 while the scan itself is FAISS's brute-force kNN: `faiss.knn` on CPU, `faiss.knn_gpu` when the
-installed FAISS sees a GPU. Each row carries its attribute codes so filters apply before the
-top-k, and its product's packed fields (what a hit shows). Covered by
+installed FAISS sees a GPU. Each row carries its filter columns (services/shard/attributes.py),
+so filters apply before the top-k, and its product's packed fields (what a hit shows). Covered by
 tests/shard/test_index.py.
 """
 
@@ -36,7 +36,7 @@ class ExactIndex:
         self.dim = dim
         self.use_gpu = gpu_available() if use_gpu is None else use_gpu
         self._vectors = np.zeros((capacity, dim), dtype=np.float32)
-        self._codes = np.full((capacity, fields), -1, dtype=np.int32)
+        self._codes = np.full((capacity, fields), -1, dtype=np.float32)
         self._ids: list[str] = []
         self._fields: list[bytes] = []  # slot -> packed ProductFields
         self._fields_bytes = 0
@@ -124,6 +124,9 @@ class ExactIndex:
     def fields_of(self, product_id: str) -> bytes:
         return self._fields[self._slots[product_id]]
 
+    def codes_of(self, product_id: str) -> np.ndarray:
+        return self._codes[self._slots[product_id]]
+
     def export(self) -> tuple[list[str], np.ndarray, np.ndarray, list[bytes]]:
         """A copy of (ids, vectors, codes, fields) in slot order: a consistent cut."""
         n = len(self._ids)
@@ -174,6 +177,6 @@ class ExactIndex:
         capacity = max(size, 2 * len(self._vectors))
         grown = np.zeros((capacity, self.dim), dtype=np.float32)
         grown[: len(self._vectors)] = self._vectors
-        codes = np.full((capacity, self._codes.shape[1]), -1, dtype=np.int32)
+        codes = np.full((capacity, self._codes.shape[1]), -1, dtype=np.float32)
         codes[: len(self._codes)] = self._codes
         self._vectors, self._codes = grown, codes

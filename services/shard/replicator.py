@@ -24,6 +24,8 @@ from vitrine.service import Readiness
 
 log = structlog.get_logger()
 
+WATERMARK_SETTLE_S = 5.0  # how long a trailing high watermark may take to catch up
+
 
 class VectorReplicator:
     def __init__(
@@ -70,6 +72,8 @@ class VectorReplicator:
                     not_caught_up.discard(message.partition())
                 else:
                     log.warning("consumer error", error=str(error))
+            # lexical searches see the writes within REFRESH_S; all of them once caught up
+            self._store.lexical.refresh(force=not self._readiness.ready)
             if not not_caught_up and not self._readiness.ready:
                 log.info("caught up", vectors=len(self._store), partitions=self.partitions)
                 self._readiness.set_ready()
@@ -94,13 +98,13 @@ class VectorReplicator:
         )
         if found is None:
             return
-        ends = await self._consumer.call(self._log_ends)
-        behind = {p: o for p, o in found.next_offsets.items() if o > ends.get(p, 0)}
+        behind = await self._snapshot_ahead_of_log(found.next_offsets)
         if behind:
             log.warning("snapshot is ahead of the log: rebuilding from the start",
-                        snapshot_offsets=behind, log_ends=ends)
+                        snapshot_offsets=behind)
             return
-        self._store.load(found.state)
+        # on a worker thread: rebuilding the lexical index of millions of products takes seconds
+        await asyncio.to_thread(self._store.load, found.state)
         self.next_offsets = dict(found.next_offsets)
         self.restored_from = "snapshot"
         log.info("restored snapshot", vectors=len(self._store), offsets=self.next_offsets)
@@ -123,6 +127,20 @@ class VectorReplicator:
         )
         self._metrics.seals.labels("ok").inc()
         self._metrics.seal_seconds.observe(time.monotonic() - started)
+
+    async def _snapshot_ahead_of_log(self, offsets: dict[int, int]) -> dict[int, int]:
+        """The partitions where the snapshot has consumed past the log's end. Tansu's high
+        watermark can trail the true end for a moment after writes: ask again for a few
+        seconds before calling the snapshot ahead (which means a new or emptied cluster)."""
+        deadline = time.monotonic() + WATERMARK_SETTLE_S
+        while True:
+            ends = await self._consumer.call(self._log_ends)
+            behind = {p: o for p, o in offsets.items() if o > ends.get(p, 0)}
+            if not behind or time.monotonic() >= deadline:
+                if behind:
+                    log.info("the log ends before the snapshot", log_ends=ends)
+                return behind
+            await asyncio.sleep(0.25)
 
     def _log_ends(self) -> dict[int, int]:
         """Upper bound of each owned partition's end. Tansu's high watermark can trail the true

@@ -105,7 +105,7 @@ class SealedSegment:
     seqs: np.ndarray  # row -> the store's change number of that vector (int64)
     versions: np.ndarray  # row -> the product version of that vector (int64)
     vectors: np.ndarray | None  # row -> raw vector, float16 (n, dim); None: not kept
-    codes: np.ndarray  # row -> attribute codes, int32 (n, fields)
+    codes: np.ndarray  # row -> filter columns: attribute codes, price, stock (float32)
     fields: PackedBytes  # row -> packed ProductFields: what a hit shows
     spec: IndexSpec  # how it is searched (and rebuilt): the current settings
     trained_on: int  # rows the index was trained on (0: needs no training)
@@ -349,7 +349,7 @@ def build_sealed(
         index=index, ids=ids, seqs=np.asarray(seqs, dtype=np.int64),
         versions=np.asarray(versions, dtype=np.int64),
         vectors=vectors16 if spec.raw_vectors or spec.kind == "torch" else None,
-        codes=np.asarray(codes, dtype=np.int32), fields=fields, spec=spec,
+        codes=np.asarray(codes, dtype=np.float32), fields=fields, spec=spec,
         trained_on=trained_on,
         kind=spec.kind,
     )

@@ -50,6 +50,21 @@ class ShardSettings(CommonSettings):
     exact_filter_below: int = Field(
         default=20_000, ge=0, description="filters passing fewer rows are answered exactly"
     )
+    # hybrid retrieval (services/shard/hybrid.py)
+    hybrid_candidates: int = Field(
+        default=100, ge=1, le=1000,
+        description="candidates each retriever gives reciprocal rank fusion (at least k)",
+    )
+    hybrid_fusion: Literal["rrf", "weighted"] = Field(
+        default="weighted", description="rrf (ranks only) or weighted (cosine and BM25)"
+    )
+    hybrid_weight: float = Field(
+        default=0.5, ge=0, le=1, description="weighted fusion: the share of normalised BM25"
+    )
+    rrf_k: float = Field(default=60.0, gt=0, description="rrf fusion: the rank constant")
+    lexical_match: Literal["all", "any"] = Field(
+        default="all", description="lexical search: a product must hold all query words, or any"
+    )
 
     def index_spec(self) -> IndexSpec:
         return IndexSpec(
@@ -64,7 +79,7 @@ class ShardSettings(CommonSettings):
     def new_store(self) -> ShardStore:
         return ShardStore(
             self.index_spec(), self.filter_fields, self.seal_threshold,
-            self.rebuild_dead_ratio, self.use_gpu,
+            self.rebuild_dead_ratio, self.use_gpu, self.lexical_match == "all",
         )
 
     @model_validator(mode="after")

@@ -3,9 +3,10 @@ versions, product fields, dead rows; the growing buffer), the versions no live s
 carries (growing products, tombstones), the attribute vocabulary and the offset consumed on
 every owned partition, written as one consistent cut.
 
-Formats: 3 adds the product fields of every row and keeps the sealed ids and versions as
-arrays. A format 2 snapshot (the release before) still loads, its rows without fields, exactly
-as a replay of the version 1 records it was built from would leave them.
+Formats: 3 adds the product fields of every row, keeps the sealed ids and versions as arrays,
+and the filter columns as float32 with price and stock after the attribute codes. A format 2
+snapshot (the release before) still loads, its rows without fields and of unknown price and
+stock, exactly as a replay of the version 1 records it was built from would leave them.
 
 Atomic by construction: files go to a temporary directory, are fsynced, and the directory is
 renamed into place; a manifest with each file's SHA-256 is written last. Loading walks from
@@ -31,6 +32,7 @@ import msgpack
 import numpy as np
 import structlog
 
+from services.shard.attributes import NUMBERS
 from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment
 from services.shard.store import StoreState
@@ -184,7 +186,8 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
             raise ValueError("sealed segment tables do not line up")
         sealed = SealedSegment(
             index=index, ids=ids, seqs=np.zeros(len(ids), dtype=np.int64),
-            versions=row_versions, vectors=vectors, codes=_npy(read("sealed_codes.npy")),
+            versions=row_versions, vectors=vectors,
+            codes=_filter_columns(_npy(read("sealed_codes.npy")), with_fields),
             fields=fields, spec=spec, trained_on=meta["trained_on"], kind=meta["kind"],
         )
         dead = _npy(read("sealed_dead.npy")).astype(bool)
@@ -200,7 +203,7 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
         vocab=msgpack.unpackb(read("vocab.msgpack")),
         growing_ids=growing_ids,
         growing_vectors=np.ascontiguousarray(growing_vectors, dtype=np.float32),
-        growing_codes=_npy(read("growing_codes.npy")),
+        growing_codes=_filter_columns(_npy(read("growing_codes.npy")), with_fields),
         growing_fields=growing_fields,
         sealed=sealed,
         sealed_dead=dead,
@@ -212,6 +215,14 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
         num_shards=manifest["num_shards"],
         shard_id=manifest["shard_id"],
     )
+
+
+def _filter_columns(codes: np.ndarray, current: bool) -> np.ndarray:
+    """Format 2 kept int32 attribute codes only: as float32, with price and stock unknown."""
+    if current:
+        return codes
+    unknown = np.full((len(codes), len(NUMBERS)), np.nan, dtype=np.float32)
+    return np.concatenate([codes.astype(np.float32), unknown], axis=1)
 
 
 def _snapshots(directory: Path) -> list[Path]:

@@ -30,9 +30,10 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from proto.vectors import VectorRecord
-from services.shard.attributes import AttributeCodes, CompiledFilter
+from proto.vectors import ProductFields, VectorRecord
+from services.shard.attributes import AttributeCodes, CompiledFilter, RowFilter
 from services.shard.index import ExactIndex
+from services.shard.lexical import LexicalIndex
 from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment, build_sealed, needs_rebuild
 from vitrine.errors import InvalidMessage
@@ -61,6 +62,15 @@ class Hits(NamedTuple):
     ids: list[list[str]]
     fields: list[list[bytes]]
 
+    def head(self, k: int, start: int = 0, stop: int | None = None) -> Hits:
+        """The best k of each query in [start, stop)."""
+        rows = slice(start, stop)
+        return Hits(
+            [row[:k] for row in self.scores[rows]],
+            [row[:k] for row in self.ids[rows]],
+            [row[:k] for row in self.fields[rows]],
+        )
+
 
 @dataclass
 class StoreState:
@@ -72,7 +82,7 @@ class StoreState:
     vocab: dict[str, list[str]]
     growing_ids: list[str]
     growing_vectors: np.ndarray  # float32
-    growing_codes: np.ndarray  # int32
+    growing_codes: np.ndarray  # float32 filter columns (services/shard/attributes.py)
     growing_fields: list[bytes]
     sealed: SealedSegment | None  # immutable but for `dead`, which is copied below
     sealed_dead: np.ndarray
@@ -101,16 +111,19 @@ class ShardStore:
         seal_threshold: int = 20_000,
         rebuild_dead_ratio: float = 0.2,
         use_gpu: bool | None = None,
+        lexical_match_all: bool = True,
     ) -> None:
         self.spec = spec or IndexSpec()
         self.seal_threshold = seal_threshold
         self.rebuild_dead_ratio = rebuild_dead_ratio
         self._use_gpu = use_gpu
         self._fields = list(filter_fields)
+        self._match_all = lexical_match_all
         self.clear()
 
     def clear(self) -> None:
         self.attributes = AttributeCodes(self._fields)
+        self.lexical = LexicalIndex(self._fields, self._match_all)
         self.dim: int | None = None
         self.growing: ExactIndex | None = None
         self.sealed: SealedSegment | None = None
@@ -145,19 +158,23 @@ class ShardStore:
                 self.growing.remove(pid)
             self._growing_seqs.pop(pid, None)
             self._kill_sealed(pid)
+            self.lexical.delete(pid)
         else:
             growing = self._growing_for(record.dim)
             self._kill_sealed(pid)
-            growing.upsert(pid, record.as_array(), self.attributes.encode(record.attributes),
-                           record.fields().pack())
+            fields = record.fields()
+            row = self.attributes.encode(record.attributes, record.price, record.in_stock)
+            growing.upsert(pid, record.as_array(), row, fields.pack())
             self._growing_seqs[pid] = self._take_seqs(1)
+            self.lexical.upsert(pid, fields)
         self._versions[pid] = record.version
         if self._touched is not None:
             self._touched.add(pid)
         return True
 
     def search(
-        self, queries: np.ndarray, k: int, filters: Mapping[str, Sequence[str]] | None = None
+        self, queries: np.ndarray, k: int,
+        filters: RowFilter | Mapping[str, Sequence[str]] | None = None,
     ) -> Hits:
         """Both segments searched, filters applied inside each scan, then merged by score."""
         where = self.attributes.compile(filters) if filters else None
@@ -183,6 +200,65 @@ class ShardStore:
             [[hit[1] for hit in hits] for hits in best],
             [[hit[2] for hit in hits] for hits in best],
         )
+
+    def lexical_search(
+        self, texts: Sequence[str], k: int, filters: RowFilter | None = None
+    ) -> Hits:
+        """BM25 over the products' text, filters inside the search; every candidate checked
+        against the store (a document the index has not refreshed yet never shows)."""
+        where = self.attributes.compile(filters) if filters else None
+        found = Hits([], [], [])
+        for text in texts:
+            hits = [(score, pid, self._row_of(pid)) for score, pid in
+                    self.lexical.search(text, k, filters)]
+            kept = [(score, pid, row) for score, pid, row in hits
+                    if row is not None and (where is None or where.mask(row[0][None])[0])]
+            found.scores.append([score for score, _, _ in kept])
+            found.ids.append([pid for _, pid, _ in kept])
+            found.fields.append([row[1] for _, _, row in kept if row is not None])
+        return found
+
+    def vectors_of(self, product_ids: Sequence[str]) -> list[bytes]:
+        """Each live product's vector as float16 bytes (b"" for one no longer held)."""
+        out = []
+        for pid in product_ids:
+            if pid in self._growing_seqs:
+                assert self.growing is not None
+                vector = self.growing.vector_of(pid)
+            else:
+                row = self.sealed.live_row(pid) if self.sealed is not None else None
+                if row is None:
+                    out.append(b"")
+                    continue
+                assert self.sealed is not None
+                vector = self.sealed.raw(np.array([row]))[0]
+            out.append(np.asarray(vector, dtype=np.float16).tobytes())
+        return out
+
+    def rebuild_lexical(self) -> None:
+        """The lexical index from the products held (after a snapshot load): derived data."""
+        self.lexical = LexicalIndex(self._fields, self._match_all)
+        if self.growing is not None:
+            for pid in self._growing_seqs:
+                self.lexical.upsert(pid, ProductFields.unpack(self.growing.fields_of(pid)))
+        sealed = self.sealed
+        if sealed is not None:
+            for row in sealed.live_rows().tolist():
+                self.lexical.upsert(
+                    sealed.product_id(row), ProductFields.unpack(sealed.fields[row])
+                )
+        self.lexical.refresh(force=True)
+
+    def _row_of(self, product_id: str) -> tuple[np.ndarray, bytes] | None:
+        """(filter columns, packed fields) of a live product."""
+        if product_id in self._growing_seqs:
+            assert self.growing is not None
+            return self.growing.codes_of(product_id), self.growing.fields_of(product_id)
+        row = self.sealed.live_row(product_id) if self.sealed is not None else None
+        if row is None:
+            return None
+        assert self.sealed is not None
+        return self.sealed.codes[row], self.sealed.fields[row]
 
     def product(self, product_id: str) -> tuple[int, bytes] | None:
         """(version, packed fields) of a live product, or None."""
@@ -287,7 +363,7 @@ class ShardStore:
             ids, vectors, codes, fields = self.growing.export()
         else:
             ids, vectors, codes, fields = [], np.zeros((0, 0), np.float32), \
-                np.zeros((0, 0), np.int32), []
+                np.zeros((0, 0), np.float32), []
         sealed = self.sealed
         return StoreState(
             dim=self.dim or 0,
@@ -310,8 +386,8 @@ class ShardStore:
             return
         self.dim = state.dim
         codes = state.growing_codes
-        if codes.shape[1] != len(self._fields):  # filter fields changed: codes start over
-            codes = np.full((len(codes), len(self._fields)), -1, dtype=np.int32)
+        if codes.shape[1] != self.attributes.width:  # filter fields changed: codes start over
+            codes = np.full((len(codes), self.attributes.width), -1, dtype=np.float32)
         self.growing = ExactIndex.from_arrays(
             state.growing_ids, state.growing_vectors.reshape(-1, state.dim), codes,
             self._use_gpu, state.growing_fields,
@@ -324,6 +400,7 @@ class ShardStore:
             first = self._take_seqs(len(sealed))
             sealed.seqs = np.arange(first, first + len(sealed), dtype=np.int64)
             self.sealed = sealed
+        self.rebuild_lexical()
 
     def _take_seqs(self, n: int) -> int:
         """The first of `n` fresh change numbers."""
@@ -336,7 +413,7 @@ class ShardStore:
         elif dim != self.dim:
             raise InvalidMessage(f"record of dim {dim} for a shard of dim {self.dim}")
         if self.growing is None:
-            self.growing = ExactIndex(dim, self._use_gpu, fields=len(self._fields))
+            self.growing = ExactIndex(dim, self._use_gpu, fields=self.attributes.width)
         return self.growing
 
     def _kill_sealed(self, pid: str) -> None:

@@ -165,10 +165,15 @@ def test_resharding_2_to_3_to_4_keeps_every_product_on_one_shard_and_answers_thr
     assert "catching up" in output and "done: 3 shards" in output
     assert_fleet_holds(stack, expected)
     assert_shards_show_latest_fields(stack.shard_urls, stack.settings.vector_partitions, catalog)
-    retitled = {pid for pid, e in latest_events(catalog).items() if e.title == "v2"}
+    retitled = {pid for pid, e in latest_events(catalog).items()
+                if e.op == "upsert" and e.title == "v2"}
     hits = search_text(stack.router_url, "v2", k=100)["results"]  # through the router too
     assert {h["product_id"] for h in hits} & retitled
     assert all(h["title"] == "v2" for h in hits if h["product_id"] in retitled)
+    # the new fleet's lexical indexes were built from the log: "v2" is in exactly these titles
+    status, lexical = http_json(f"{stack.router_url}/search?q=v2&mode=lexical&k=100"
+                                "&collapse=false")
+    assert status == 200 and {h["product_id"] for h in lexical["results"]} == retitled
     assert all(probe(f"{url}/healthz")[0] == 0 for url in old_urls), "old fleet stopped"
     assert not (stack.settings.state_dir / "snapshots" / "shard-0").exists()
     found = read_run_file(stack.settings.state_dir)

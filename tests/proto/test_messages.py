@@ -48,11 +48,28 @@ def test_catalog_event_rejections_say_why(payload: dict[str, object], reason: st
         CatalogEvent.from_wire(msgpack.packb({"schema_version": 1, **payload}))
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1", True])
+@pytest.mark.parametrize("version", [None, 0, 3, "1", True, 2.0])
 def test_unknown_schema_version_is_refused(version: object) -> None:
     payload = {**upsert().model_dump(), "schema_version": version}
     with pytest.raises(InvalidMessage, match="unknown schema version"):
         CatalogEvent.from_wire(msgpack.packb(payload))
+
+
+def test_catalog_event_version_2_carries_price_and_stock_and_version_1_still_reads() -> None:
+    v1 = {"schema_version": 1, "op": "upsert", "product_id": "p1", "version": 3,
+          "image_uri": "file:///p1.jpg", "title": "Red kurta", "attributes": {}}
+    old = CatalogEvent.from_wire(msgpack.packb(v1))
+    assert (old.schema_version, old.price, old.in_stock) == (1, None, None)
+    new = CatalogEvent.from_wire(msgpack.packb(v1 | {"schema_version": 2, "price": 1299,
+                                                     "in_stock": False}))
+    assert (new.price, new.in_stock) == (1299.0, False)
+    assert CatalogEvent.from_wire(new.to_wire()) == new
+    with pytest.raises(InvalidMessage, match="need schema_version 2"):
+        CatalogEvent.from_wire(msgpack.packb(v1 | {"price": 10.0}))
+    for bad in ({"price": -1.0}, {"price": float("nan")}, {"price": "12"}, {"in_stock": 1},
+                {"price": 1e13}):
+        with pytest.raises(InvalidMessage):
+            CatalogEvent.from_wire(msgpack.packb(v1 | {"schema_version": 2} | bad))
 
 
 def test_a_message_without_schema_version_is_refused() -> None:

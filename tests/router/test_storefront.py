@@ -1,6 +1,7 @@
 """The storefront on the real stack: product images over HTTP, and the demo page driven in a
 real headless Chromium (Debian's, installed by `make setup`) through Playwright: text search,
-"more like this" by a product's own picture, errors, and the partial-answer notice.
+"more like this" by a product's own picture, facet chips, the price slider, "in stock only",
+pages, "N similar" on collapsed duplicates, errors, and the partial-answer notice.
 
 Screenshots go to $VITRINE_TEST_ARTIFACTS when set, else to the test's tmp_path; their paths
 are printed (`pytest -rP` shows them for passing tests).
@@ -56,7 +57,8 @@ UI_TIMEOUT_MS = 30_000  # the suite shares a few cores with model loads and enco
 
 @dataclass(frozen=True)
 class Catalog:
-    live: list[CatalogEvent]  # rows of products.csv, images staged as <id>.jpg
+    live: list[CatalogEvent]  # rows of products.csv, priced, images staged as <id>.jpg
+    twins: list[str]  # two more listings of live[5]'s picture, under its title
     deleted: str  # published, then deleted
     png_named_jpg: str  # a PNG behind a .jpg name
     vanished: str  # indexed, then its image file was removed
@@ -96,23 +98,36 @@ def _synthetic(product_id: str, path: Path, colour: tuple[int, int, int]) -> Cat
 @pytest.fixture(scope="module")
 def catalog(stack: LocalStack, fashion_data: Path, image_root: Path) -> Catalog:
     rows = list(itertools.islice(events_from_csv(fashion_data / "products.csv", image_root), *ROWS))
+    rows = [e.model_copy(update={"schema_version": 2, "price": float(100 * (i % 10 + 1)),
+                                 "in_stock": i % 4 != 0}) for i, e in enumerate(rows)]
     for event in rows:
         stage_image(fashion_data, image_root, event.product_id)
+    twins = []
+    for n in range(2):
+        twin = f"storefront-twin-{n}"
+        (image_root / f"{twin}.jpg").write_bytes((image_root / f"{rows[5].product_id}.jpg")
+                                                 .read_bytes())
+        twins.append(rows[5].model_copy(update={
+            "product_id": twin, "image_uri": (image_root / f"{twin}.jpg").as_uri()}))
     png = _synthetic("storefront-png", image_root / "storefront-png.jpg", (20, 160, 120))
     vanished = _synthetic(
         "storefront-vanished", image_root / "storefront-vanished.jpg", (200, 120, 30)
     )
     s = stack.settings
     publisher = EventPublisher(stack.kafka_bootstrap, s.events_topic, s.event_partitions)
-    for event in [*rows, png, vanished]:
+    for event in [*rows, *twins, png, vanished]:
         publisher.publish(event)
     publisher.flush()
+    eventually(lambda: get(f"{stack.router_url}/images/{twins[-1].product_id}").status == 200,
+               what="the twins indexed")
 
     pending = {e.product_id for e in [*rows, png, vanished]}
 
     def all_searchable() -> bool:
         for pid in sorted(pending):
-            if pid in ids_of(search_image(stack.router_url, image_root / f"{pid}.jpg", k=10)):
+            answer = search_image(stack.router_url, image_root / f"{pid}.jpg", k=10)
+            shown = ids_of(answer) + [also for hit in answer["results"] for also in hit["also"]]
+            if pid in shown:  # a twin's listing may show as the other's "also"
                 pending.discard(pid)
         return not pending
 
@@ -128,7 +143,8 @@ def catalog(stack: LocalStack, fashion_data: Path, image_root: Path) -> Catalog:
         what="the deleted product's image to be gone",
     )
     (image_root / "storefront-vanished.jpg").unlink()
-    return Catalog(rows[:-1], doomed.product_id, png.product_id, vanished.product_id)
+    return Catalog(rows[:-1], [t.product_id for t in twins], doomed.product_id,
+                   png.product_id, vanished.product_id)
 
 
 # -- product images over HTTP -------------------------------------------------------------
@@ -399,3 +415,77 @@ def test_a_partial_answer_names_the_missing_shard(
     )
     search_in_page(page, "blue shirt")
     expect(notice).to_be_hidden(timeout=UI_TIMEOUT_MS)
+
+
+def card_texts(page: Page, selector: str) -> list[str]:
+    return page.locator(f"#grid .card {selector}").all_inner_texts()
+
+
+def test_refining_a_search_in_a_browser(
+    stack: LocalStack, catalog: Catalog, page: Page, artifacts: Path
+) -> None:
+    page.goto(f"{stack.router_url}/")
+    search_in_page(page, "shirt")
+    cards = page.locator("#grid .card")
+    expect(cards).to_have_count(K, timeout=UI_TIMEOUT_MS)
+    settled(page)
+
+    # next page and back: other products, then the same first page again
+    first_page = cards.evaluate_all("(cards) => cards.map((card) => card.dataset.productId)")
+    page.get_by_role("button", name="Next page").click()
+    expect(page.locator("#page-number")).to_have_text("Page 2", timeout=UI_TIMEOUT_MS)
+    settled(page)
+    second_page = cards.evaluate_all("(cards) => cards.map((card) => card.dataset.productId)")
+    assert second_page and not set(second_page) & set(first_page)
+    page.get_by_role("button", name="Previous page").click()
+    expect(page.locator("#page-number")).to_have_text("Page 1", timeout=UI_TIMEOUT_MS)
+    expect(cards.first).to_have_attribute("data-product-id", first_page[0])
+    settled(page)
+
+    # a colour chip narrows the results to that colour, and shows pressed
+    chip = page.locator('#facets .chip[data-facet="colour"]').first
+    colour = chip.get_attribute("data-value")
+    assert colour
+    chip.click()
+    expect(page.locator(f'#facets .chip[data-value="{colour}"]')).to_have_attribute(
+        "aria-pressed", "true", timeout=UI_TIMEOUT_MS
+    )
+    settled(page)
+    attributes = card_texts(page, ".card-attributes")
+    assert attributes and all(line.startswith(colour) for line in attributes), attributes
+    screenshot(page, artifacts, "6-facet")
+    page.locator(f'#facets .chip[data-value="{colour}"]').click()  # and off again
+    expect(page.locator(f'#facets .chip[data-value="{colour}"]')).to_have_attribute(
+        "aria-pressed", "false", timeout=UI_TIMEOUT_MS
+    )
+
+    # the price slider and "in stock only": only priced products in stock, at most the price
+    page.locator("#price-max").fill("500")
+    expect(page.locator("#price-shown")).to_have_text("₹500")
+    page.get_by_label("In stock only").check()
+    settled(page)
+    expect(cards.first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    prices = [float(text.lstrip("₹").replace(",", "")) for text in card_texts(page, ".card-price")]
+    assert prices and all(price <= 500 for price in prices), prices
+    assert page.locator("#grid .card .card-stock:visible").count() == 0
+    shown = set(cards.evaluate_all("(cards) => cards.map((card) => card.dataset.productId)"))
+    priced = {e.product_id: e for e in catalog.live}
+    assert shown <= set(priced) and all(priced[pid].in_stock for pid in shown)
+    screenshot(page, artifacts, "7-price-and-stock")
+
+
+def test_duplicate_listings_show_as_one_card_with_n_similar(
+    stack: LocalStack, catalog: Catalog, page: Page, artifacts: Path
+) -> None:
+    original = catalog.live[5]
+    page.goto(f"{stack.router_url}/")
+    search_in_page(page, original.title)
+    listings = {original.product_id, *catalog.twins}
+    cards = page.locator("#grid .card")
+    expect(cards.first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    settled(page)
+    shown = cards.evaluate_all("(cards) => cards.map((card) => card.dataset.productId)")
+    assert len(listings & set(shown)) == 1, "one card for the three listings of one picture"
+    card = page.locator(f'#grid .card[data-product-id="{(listings & set(shown)).pop()}"]')
+    expect(card.locator(".card-similar")).to_have_text("2 similar")
+    screenshot(page, artifacts, "8-similar")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import msgpack
 import numpy as np
@@ -87,6 +88,15 @@ def test_a_restarted_shard_resumes_from_its_snapshot(
     # it replayed only what came after the snapshot, not the whole log
     eventually(lambda: applied_records(shard0) == new_records, what="every later record")
     mine = [e for e in [*first, *later, *retitled, deleted] if owned(e.product_id)]
+    renamed = retitled[0]  # the restarted shard's lexical index knows the new title only
+    status, found = http_json(f"{stack.router_url}/search?q={quote_plus(renamed.title)}"
+                              "&mode=lexical&collapse=false")
+    assert status == 200 and renamed.product_id in [h["product_id"] for h in found["results"]]
+    if victim.title.strip():  # the deleted product's words no longer find it
+        status, gone = http_json(f"{stack.router_url}/search?q={quote_plus(victim.title)}"
+                                 "&mode=lexical&k=100&collapse=false")
+        assert status == 200
+        assert victim.product_id not in [h["product_id"] for h in gone["results"]]
     for pid, event in latest_events(mine).items():
         status, held = http_json(f"{shard0}/products/{pid}")
         if event.op == "delete":
@@ -120,7 +130,8 @@ def test_a_vector_record_of_the_release_before_is_still_read(stack: LocalStack) 
 
     eventually(held, what="the v1 record applied")
     assert held() == {"product_id": pid, "version": 5, "title": "", "image_uri": "",
-                    "attributes": {"colour": "Red"}}
+                      "attributes": {"colour": "Red"}, "price": None, "in_stock": None,
+                      "image_digest": ""}
     update = VectorRecord.upsert(pid, 6, "m", vector, title="now titled",
                                  image_uri="file:///nowhere.jpg")
     producer.produce(s.vectors_topic, update.to_wire(), key=pid.encode(), partition=partition)

@@ -62,6 +62,10 @@ def ingest(
     csv_path: Annotated[Path, typer.Argument(help="products.csv", exists=True, dir_okay=False)],
     images: Annotated[Path, typer.Option(help="directory of <id>.jpg", exists=True)],
     limit: Annotated[int | None, typer.Option(help="publish at most N products")] = None,
+    price_column: Annotated[str | None, typer.Option(help="the CSV column of prices")] = None,
+    stock_column: Annotated[
+        str | None, typer.Option(help="the CSV column of availability (true/false)")
+    ] = None,
 ) -> None:
     """Publish a catalog CSV as CatalogEvents to the running stack."""
     settings = StackSettings()
@@ -70,7 +74,9 @@ def ingest(
     publisher = EventPublisher(
         endpoints["kafka_bootstrap"], endpoints["events_topic"], endpoints["event_partitions"]
     )
-    published = publish_all(publisher, events_from_csv(csv_path, images, limit), total)
+    events = events_from_csv(csv_path, images, limit, price_column=price_column,
+                             stock_column=stock_column)
+    published = publish_all(publisher, events, total)
     typer.echo(f"published {published} events to {endpoints['events_topic']}")
 
 

@@ -1,10 +1,31 @@
-// Vitrine storefront: text search, "more like this" by image, partial-answer notices.
+// Vitrine storefront: text search with facet chips, price, stock and pages; "more like this"
+// by image; collapsed duplicates ("N similar"); partial-answer notices.
 // Plain browser JavaScript, no build step, no third-party code: the page must work offline.
 "use strict";
 
 const K = 24;
+const FACETS = ["colour", "article_type"];
+const FACET_NAMES = { colour: "Colour", article_type: "Type" };
+const CHIPS_PER_FACET = 8;
 const el = (id) => document.getElementById(id);
 let latest = 0; // only the newest request may paint the page
+// the text search being refined: its words, chosen facet values, price, stock and page
+let refined = null;
+
+function freshRefinement(q) {
+  return { q, filters: {}, priceMax: null, inStock: false, offset: 0 };
+}
+
+function searchUrl(r) {
+  const params = new URLSearchParams({ q: r.q, k: String(K), facets: FACETS.join(",") });
+  for (const [name, values] of Object.entries(r.filters)) {
+    if (values.length) params.set(name, values.join(","));
+  }
+  if (r.priceMax !== null) params.set("price_max", String(r.priceMax));
+  if (r.inStock) params.set("in_stock", "true");
+  if (r.offset) params.set("offset", String(r.offset));
+  return `/search?${params}`;
+}
 
 class ShownError extends Error {}
 
@@ -104,6 +125,17 @@ function card(hit) {
   button.setAttribute("aria-label", `More like ${title}`);
   button.addEventListener("click", () => moreLikeThis(hit.product_id, title));
   node.querySelector(".card-title").textContent = title;
+  node.querySelector(".card-price").textContent =
+    typeof hit.price === "number" ? `₹${hit.price.toLocaleString()}` : "";
+  node.querySelector(".card-stock").hidden = hit.in_stock !== false;
+  const similar = node.querySelector(".card-similar");
+  const also = hit.also ?? [];
+  similar.hidden = also.length === 0;
+  similar.textContent = `${also.length} similar`;
+  similar.title = `Also listed as ${also.map((id) => `#${id}`).join(", ")}`;
+  const attributes = hit.attributes ?? {};
+  node.querySelector(".card-attributes").textContent =
+    [attributes.colour, attributes.article_type].filter(Boolean).join(" · ");
   node.querySelector(".card-id").textContent = `#${hit.product_id}`;
   node.querySelector(".card-score").textContent = hit.score.toFixed(3);
   return node;
@@ -121,6 +153,62 @@ function render(answer, heading, mode) {
     : "Nothing found. Try other words.";
   showPartial(answer);
   el("results").dataset.mode = mode;
+  renderRefinements(mode === "text" ? answer : null);
+}
+
+function renderRefinements(answer) {
+  el("refine").hidden = answer === null;
+  el("pager").hidden = answer === null || (!refined.offset && answer.next_offset === null);
+  if (answer === null) return;
+  const chips = [];
+  for (const facet of FACETS) {
+    const values = (answer.facets?.[facet] ?? []).slice(0, CHIPS_PER_FACET);
+    const chosen = refined.filters[facet] ?? [];
+    for (const value of chosen) {  // a chosen value stays, even when nothing is left of it
+      if (!values.some((v) => v.value.toLowerCase() === value.toLowerCase())) {
+        values.push({ value, count: 0 });
+      }
+    }
+    if (!values.length) continue;
+    const name = document.createElement("span");
+    name.className = "facet-name";
+    name.textContent = FACET_NAMES[facet];
+    chips.push(name);
+    for (const { value, count } of values) {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "chip";
+      chip.dataset.facet = facet;
+      chip.dataset.value = value;
+      const on = chosen.some((v) => v.toLowerCase() === value.toLowerCase());
+      chip.setAttribute("aria-pressed", String(on));
+      chip.textContent = `${value} (${count})`;
+      chip.addEventListener("click", () => toggleFacet(facet, value));
+      chips.push(chip);
+    }
+  }
+  el("facets").replaceChildren(...chips);
+  el("prev-page").disabled = refined.offset === 0;
+  el("next-page").disabled = answer.next_offset === null;
+  el("page-number").textContent = `Page ${Math.floor(refined.offset / K) + 1}`;
+}
+
+function toggleFacet(facet, value) {
+  const chosen = refined.filters[facet] ?? [];
+  const on = chosen.some((v) => v.toLowerCase() === value.toLowerCase());
+  refined.filters[facet] = on
+    ? chosen.filter((v) => v.toLowerCase() !== value.toLowerCase())
+    : [...chosen, value];
+  refined.offset = 0;
+  return searchRefined();
+}
+
+function searchRefined() {
+  const r = refined;
+  return run(async (current) => {
+    const answer = await request(searchUrl(r));
+    if (current()) render(answer, `Results for “${r.q}”`, "text");
+  });
 }
 
 async function run(paint) {
@@ -145,10 +233,11 @@ async function run(paint) {
 function searchText(q, push = true) {
   el("search-input").value = q;
   if (push) history.pushState({ q }, "", `/?q=${encodeURIComponent(q)}`);
-  return run(async (current) => {
-    const answer = await request(`/search?q=${encodeURIComponent(q)}&k=${K}`);
-    if (current()) render(answer, `Results for “${q}”`, "text");
-  });
+  refined = freshRefinement(q);
+  el("price-max").value = el("price-max").max;
+  el("price-shown").textContent = "any";
+  el("in-stock").checked = false;
+  return searchRefined();
 }
 
 function moreLikeThis(productId, title, push = true) {
@@ -182,5 +271,32 @@ document.addEventListener("DOMContentLoaded", () => {
     if (q) searchText(q);
   });
   window.addEventListener("popstate", fromLocation);
+  el("refine").addEventListener("submit", (event) => event.preventDefault());
+  const price = el("price-max");
+  price.addEventListener("input", () => {
+    el("price-shown").textContent = price.value === price.max ? "any" : `₹${price.value}`;
+  });
+  price.addEventListener("change", () => {
+    if (!refined) return;
+    refined.priceMax = price.value === price.max ? null : Number(price.value);
+    refined.offset = 0;
+    searchRefined();
+  });
+  el("in-stock").addEventListener("change", () => {
+    if (!refined) return;
+    refined.inStock = el("in-stock").checked;
+    refined.offset = 0;
+    searchRefined();
+  });
+  el("next-page").addEventListener("click", () => {
+    refined.offset += K;
+    window.scrollTo({ top: 0 });
+    searchRefined();
+  });
+  el("prev-page").addEventListener("click", () => {
+    refined.offset = Math.max(0, refined.offset - K);
+    window.scrollTo({ top: 0 });
+    searchRefined();
+  });
   fromLocation();
 });
