@@ -45,6 +45,11 @@ class CommonSettings(BaseSettings):
         "'offline' or empty",
     )
     model_seed: int = 0
+    text_runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        default="auto",
+        description="the text tower's runtime: auto (onnx for fp32 on the CPU, else torch), "
+        "torch, onnx (exact), onnx-int8 (lossy: its own model id); benchmarks/text_tower.py",
+    )
     model_precision: Precision = Field(
         default="auto",
         description="towers' weights: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16",

@@ -50,7 +50,8 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[MODEL] = await asyncio.to_thread(
         load_dual_encoder, settings.model_spec(), precision=settings.model_precision,
-        preprocess_threads=settings.preprocess_threads,
+        preprocess_threads=settings.preprocess_threads, text_runtime=settings.text_runtime,
+        compute_threads=settings.compute_threads,
     )
     limit_compute_threads(settings.compute_threads)
     await asyncio.to_thread(app[MODEL].warm_up)

@@ -82,7 +82,8 @@ async def _answered(request: web.Request, query: Query, started: float) -> web.R
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
     model = await asyncio.to_thread(
-        load_dual_encoder, app[SETTINGS].model_spec(), precision=app[SETTINGS].model_precision
+        load_dual_encoder, app[SETTINGS].model_spec(), precision=app[SETTINGS].model_precision,
+        text_runtime=app[SETTINGS].text_runtime, compute_threads=app[SETTINGS].compute_threads,
     )
     limit_compute_threads(app[SETTINGS].compute_threads)
     await asyncio.to_thread(model.warm_up)  # text and image queries: no cold first call

@@ -357,3 +357,35 @@ def test_warming_up_runs_every_tower_and_changes_nothing(
     encoder.warm_up()
     np.testing.assert_array_equal(encoder.encode_products(pictures, ["navy blue shirt", ""]),
                                   before)
+
+
+@pytest.mark.parametrize(("runtime", "tolerance"), [("onnx", 0.9999), ("onnx-int8", 0.90)])
+def test_every_text_runtime_gives_the_reference_embedding(
+    encoder: DualEncoder, runtime: str, tolerance: float
+) -> None:
+    """ONNX Runtime is exact; its int8 variant is within its stated tolerance and says so in
+    its model id (the vectors it writes are not torch's)."""
+    variant = load_dual_encoder(SPEC, device="cpu", text_runtime=runtime)  # type: ignore[arg-type]
+    reference, found = encoder.encode_texts(TEXTS), variant.encode_texts(TEXTS)
+    assert found.shape == reference.shape
+    assert float((reference * found).sum(axis=1).min()) >= tolerance
+    exact = runtime == "onnx"
+    assert (variant.model_id == encoder.model_id) == exact
+    assert exact or variant.model_id.endswith(f"+{runtime}")
+    many = [f"query number {i}" for i in range(300)]  # longer than one batch
+    assert float((encoder.encode_texts(many) * variant.encode_texts(many)).sum(axis=1).min()) \
+        >= tolerance
+
+
+def test_auto_is_onnx_on_the_cpu_in_fp32_and_torch_otherwise(encoder: DualEncoder) -> None:
+    assert encoder.text_runtime == "torch"  # asked for explicitly (the function's default)
+    assert load_dual_encoder(SPEC, device="cpu", text_runtime="auto").text_runtime == "onnx"
+    bf16 = load_dual_encoder(SPEC, device="cpu", precision="bf16", text_runtime="auto")
+    assert bf16.text_runtime == "torch"
+
+
+def test_a_text_runtime_that_cannot_serve_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="text_runtime"):
+        CommonSettings(text_runtime="tensorrt")  # type: ignore[arg-type]
+    with pytest.raises(ModelSpecError, match="serves fp32 on the CPU"):
+        load_dual_encoder(SPEC, device="cpu", precision="bf16", text_runtime="onnx")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vitrine.errors import ModelSpecError
 from vitrine.model.fusion import GatedFusion
+from vitrine.model.onnx_text import OnnxTextTower, TextRuntime
 from vitrine.settings import Precision
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class DualEncoder:
         fusion: GatedFusion | None = None,
         precision: Precision = "auto",
         preprocess_threads: int = 0,
+        text_runtime: TextRuntime = "torch",
+        compute_threads: int | None = None,
     ) -> None:
         self.model = model
         self.fusion = fusion
@@ -63,8 +66,26 @@ class DualEncoder:
         )
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        self.model_id = model_id
+        if text_runtime == "auto":
+            cpu_fp32 = device.type == "cpu" and self.precision == "fp32"
+            text_runtime = "onnx" if cpu_fp32 else "torch"
+        self.model_id = model_id if text_runtime != "onnx-int8" else f"{model_id}+{text_runtime}"
         self.device = device
+        self.text_runtime = text_runtime
+        self._onnx: OnnxTextTower | None = None
+        if text_runtime != "torch":
+            if device.type != "cpu" or self.precision != "fp32":
+                raise ModelSpecError(
+                    f"text runtime {text_runtime!r} serves fp32 on the CPU; this model is "
+                    f"{self.precision} on {device.type} (use text runtime 'torch')"
+                )
+            if not isinstance(getattr(model, "text", None), torch.nn.Module):
+                raise ModelSpecError(f"text runtime {text_runtime!r} needs a separate text "
+                                     "tower (open_clip's CustomTextCLIP)")
+            pad_id = int(getattr(model.text.config, "pad_token_id", 0) or 0)
+            self._onnx = OnnxTextTower.of(
+                model.text, text_runtime, model_id, pad_id, compute_threads
+            )
         size = model.visual.preprocess_cfg["size"]
         self._input_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.image_size = max(self._input_hw)  # the longest side of the model input
@@ -122,6 +143,9 @@ class DualEncoder:
         rows = []
         for start in range(0, len(texts), MAX_BATCH):
             tokens = self._tokenize(list(texts[start : start + MAX_BATCH])).to(self.device)
+            if self._onnx is not None:
+                rows.append(_normalised(self._onnx(tokens)))
+                continue
             with torch.inference_mode():
                 rows.append(_normalised(self.model.encode_text(tokens)))
         return _stack(rows, self.dim)

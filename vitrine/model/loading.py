@@ -32,6 +32,7 @@ from vitrine.errors import ModelSpecError
 from vitrine.model.checkpoints import apply_delta, load_checkpoint, read_delta
 from vitrine.model.encoder import DualEncoder
 from vitrine.model.fusion import create_fusion
+from vitrine.model.onnx_text import TextRuntime
 from vitrine.model.spec import (
     HF_HUB_PREFIX,
     MODEL_CONFIG_DIR,
@@ -54,6 +55,8 @@ def load_dual_encoder(
     device: str | None = None,
     precision: Precision = "auto",
     preprocess_threads: int | None = None,
+    text_runtime: TextRuntime = "torch",
+    compute_threads: int | None = None,
 ) -> DualEncoder:
     """Build the spec's model through open_clip, deterministically, and wrap it for encoding.
 
@@ -86,7 +89,8 @@ def load_dual_encoder(
     if preprocess_threads is None:
         preprocess_threads = min(8, os.cpu_count() or 1) if target.type == "cuda" else 0
     return DualEncoder(
-        model, tokenizer, preprocess, spec.model_id, target, fusion, precision, preprocess_threads
+        model, tokenizer, preprocess, spec.model_id, target, fusion, precision, preprocess_threads,
+        text_runtime, compute_threads,
     )
 
 
