@@ -6,10 +6,12 @@ before the tokenizer lowercases, so "&NotEqual;" and "&notequal;" embed differen
 Redis is shared by every router replica and is only ever an optimisation: an error or a slow
 answer is logged, counted and treated as a miss. Images are not cached.
 
-Text queries that miss both layers are coalesced: the first opens a batch, which runs once
-`encode_batch_wait_ms` passed or `encode_batch_max` distinct texts joined, as one
-`encode_texts` call in a worker thread; identical texts in flight share one row. One pass runs
-at a time, so concurrent batches do not fight over the cores.
+Text queries that miss both layers are coalesced: the first opens a batch; an idle tower runs
+it after `encode_batch_wait_ms` (default 0: on the next turn of the event loop, so the
+requests already read join it, and a lone query waits for nothing), and while a pass runs the
+batch keeps filling until that pass ends; `encode_batch_max` distinct texts close it at once.
+One `encode_texts` call in a worker thread per batch; identical texts in flight share one row.
+One pass runs at a time, so concurrent batches do not fight over the cores.
 
 Covered by tests/router/test_encoding.py.
 """
@@ -154,7 +156,8 @@ class TextBatcher:
         self._max_size = max_size
         self._open: dict[str, asyncio.Future[np.ndarray]] = {}  # the batch still filling
         self._in_flight: dict[str, asyncio.Future[np.ndarray]] = {}  # open or running
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._running = 0  # batches started and not finished
         self._tower = asyncio.Lock()
         self._batches: set[asyncio.Task[None]] = set()
 
@@ -166,10 +169,10 @@ class TextBatcher:
             self._open[text] = self._in_flight[text] = future
             if len(self._open) >= self._max_size:
                 self._close_batch()
-            elif self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(
-                    self._wait_s, self._close_batch
-                )
+            elif self._timer is None and not self._running:  # busy: the pass ending closes it
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._wait_s, self._close_batch) \
+                    if self._wait_s > 0 else loop.call_soon(self._close_batch)
         return await asyncio.shield(future)  # a cancelled query leaves the batch running
 
     async def aclose(self) -> None:
@@ -183,6 +186,9 @@ class TextBatcher:
             self._timer.cancel()
             self._timer = None
         batch, self._open = self._open, {}
+        if not batch:
+            return
+        self._running += 1
         task = asyncio.create_task(self._encode_batch(batch))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
@@ -203,6 +209,9 @@ class TextBatcher:
         finally:
             for text in texts:
                 self._in_flight.pop(text, None)
+            self._running -= 1
+            if self._open and self._timer is None:  # what queued during this pass goes next
+                self._close_batch()
 
 
 def _decode(data: bytes | str | None, dim: int) -> np.ndarray | None:

@@ -92,7 +92,9 @@ class RouterSettings(CommonSettings):
         default=10.0, gt=0, description="a Redis cache call slower than this counts as a miss"
     )
     encode_batch_wait_ms: float = Field(
-        default=2.0, ge=0, description="how long a text query waits for others to share a pass"
+        default=0.0, ge=0,
+        description="how long an idle text tower waits for more queries to share a pass (0: "
+        "none; while it runs, queries queue for its next pass anyway)",
     )
     encode_batch_max: int = Field(default=32, ge=1, description="texts per text-tower pass")
     admin_token: SecretStr | None = Field(

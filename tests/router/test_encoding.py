@@ -166,6 +166,22 @@ async def test_concurrent_queries_share_tower_passes_and_get_their_own_rows(
     await encoder.aclose()
 
 
+async def test_a_lone_query_waits_for_nothing_and_a_busy_tower_takes_the_queue_next(
+    model: DualEncoder,
+) -> None:
+    """No wait setting: the first query runs at once; the ones arriving during its pass share
+    the next pass (one each would be one pass per query)."""
+    encoder, registry = make_encoder(model, None, encode_batch_wait_ms=0)
+    first = asyncio.create_task(encoder.encode_text(TEXTS[0]))
+    await asyncio.sleep(0)  # the first batch closes on this turn of the loop
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(encoder.encode_text(text)) for text in TEXTS[1:]]
+    vectors = await asyncio.gather(first, *rest)
+    assert tower_runs(registry) == 2
+    np.testing.assert_allclose(np.stack(vectors), model.encode_texts(TEXTS), atol=1e-5)
+    await encoder.aclose()
+
+
 async def test_batches_stop_at_the_batch_max(model: DualEncoder) -> None:
     encoder, registry = make_encoder(model, None, encode_batch_wait_ms=50, encode_batch_max=3)
     vectors = await asyncio.gather(*(encoder.encode_text(text) for text in TEXTS))
