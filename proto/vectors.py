@@ -51,6 +51,17 @@ class ProductFields(BaseModel):
             use_bin_type=True,
         )
 
+    @staticmethod
+    def digest_of(data: bytes) -> str:
+        """Just the picture digest of packed fields ('' if none or unreadable): what collapse
+        reads of every candidate, without decoding the rest."""
+        try:
+            values = msgpack.unpackb(data, raw=False) if data else None
+            digest = values[_PACKED_ORDER.index("image_digest")] if values else ""
+        except Exception:  # unreadable: the full unpack will say so
+            return ""
+        return digest if isinstance(digest, str) else ""
+
     @classmethod
     def unpack(cls, data: bytes) -> ProductFields:
         """The fields `pack` wrote; empty bytes (a shard's row from a v1 record) is no fields."""

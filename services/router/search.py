@@ -145,15 +145,16 @@ class Group:
     """One result: the best hit of a picture, and the products that show it too."""
 
     best: Merged
-    fields: ProductFields = field(default_factory=ProductFields)
     also: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def fields(self) -> ProductFields:
+        """Decoded only for the results an answer shows."""
         try:
-            self.fields = ProductFields.unpack(self.best.fields)
+            return ProductFields.unpack(self.best.fields)
         except InvalidMessage as exc:  # a shard's bug: the hit still counts, without fields
             log.warning("unreadable product fields", product_id=self.best.product_id,
                         reason=str(exc))
+            return ProductFields()
 
 
 def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
@@ -165,8 +166,7 @@ def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
     units: list[np.ndarray] = []  # the unit vectors of the groups that have one...
     owners: list[Group] = []  # ...and whose they are
     for hit in hits:
-        group = Group(hit)
-        digest = group.fields.image_digest
+        digest = ProductFields.digest_of(hit.fields)
         twin = by_digest.get(digest) if digest else None
         unit = _unit(hit.vector)
         if twin is None and unit is not None and units and len(units[0]) == len(unit):
@@ -177,6 +177,7 @@ def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
         if twin is not None:
             twin.also.append(hit.product_id)
             continue
+        group = Group(hit)
         groups.append(group)
         if digest:
             by_digest[digest] = group
@@ -215,7 +216,7 @@ def merge_facets(responses: Sequence[SearchResponse]) -> dict[str, list[FacetVal
 
 
 def _hit(group: Group) -> Hit:
-    fields, best = group.fields, group.best
+    fields, best = group.fields(), group.best
     return Hit(
         product_id=best.product_id, score=round(best.score, 6), title=fields.title,
         image_uri=fields.image_uri, attributes=fields.attributes, price=fields.price,

@@ -219,20 +219,23 @@ class ShardStore:
         return found
 
     def vectors_of(self, product_ids: Sequence[str]) -> list[bytes]:
-        """Each live product's vector as float16 bytes (b"" for one no longer held)."""
-        out = []
-        for pid in product_ids:
+        """Each live product's vector as float16 bytes (b"" for one no longer held); the
+        sealed ones read in one gather."""
+        out = [b""] * len(product_ids)
+        sealed_at: list[int] = []
+        sealed_rows: list[int] = []
+        for i, pid in enumerate(product_ids):
             if pid in self._growing_seqs:
                 assert self.growing is not None
-                vector = self.growing.vector_of(pid)
-            else:
-                row = self.sealed.live_row(pid) if self.sealed is not None else None
-                if row is None:
-                    out.append(b"")
-                    continue
-                assert self.sealed is not None
-                vector = self.sealed.raw(np.array([row]))[0]
-            out.append(np.asarray(vector, dtype=np.float16).tobytes())
+                out[i] = self.growing.vector_of(pid).astype(np.float16).tobytes()
+            elif self.sealed is not None and (row := self.sealed.live_row(pid)) is not None:
+                sealed_at.append(i)
+                sealed_rows.append(row)
+        if sealed_rows:
+            assert self.sealed is not None
+            vectors = self.sealed.raw(np.array(sealed_rows)).astype(np.float16)
+            for i, vector in zip(sealed_at, vectors, strict=True):
+                out[i] = vector.tobytes()
         return out
 
     def rebuild_lexical(self) -> None:
