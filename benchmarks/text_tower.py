@@ -5,8 +5,9 @@ queries with the variant while products keep torch's vectors.
     .venv/bin/python benchmarks/text_tower.py [--data ../shared/data/fashion] [--threads 2]
         [--queries 300] [--products 1500]
 
-Runtimes: torch (as the services ran before), onnx (ONNX Runtime, exact) and onnx-int8 (dynamic
-int8 weights, lossy). Queries are distinct texts like a shopper's, so no cache answers them.
+Runtimes: torch (as the services ran before), torch in bf16 weights, torch.compile (inductor;
+skipped where it cannot compile here), onnx (ONNX Runtime, exact) and onnx-int8 (dynamic int8
+weights, lossy). Queries are distinct texts like a shopper's, so no cache answers them.
 NDCG@10 uses the eval's attribute queries and catalog conditions on the test split.
 """
 
@@ -73,6 +74,15 @@ def main() -> None:
     encoders = {runtime: load_dual_encoder(spec, device="cpu", text_runtime=runtime,
                                            compute_threads=args.threads)
                 for runtime in RUNTIMES}
+    encoders["torch bf16"] = load_dual_encoder(spec, device="cpu", precision="bf16",
+                                               text_runtime="torch")
+    compiled = load_dual_encoder(spec, device="cpu", text_runtime="torch")
+    try:
+        compiled.model.text = torch.compile(compiled.model.text, dynamic=True)
+        compiled.encode_texts(["compile me", "and me too, longer"])
+        encoders["torch.compile"] = compiled
+    except Exception as exc:  # no C++ toolchain, or an op inductor cannot lower
+        print(f"torch.compile skipped: {type(exc).__name__}: {str(exc)[:120]}")
     texts = shopper_queries(args.queries)
     reference = encoders["torch"].encode_texts(texts)
     rows = []
