@@ -6,8 +6,10 @@ Builds a real ShardStore through its own path (VectorRecords applied, then seale
 segment, then restored from its snapshot, as a restarted shard is) with tiny vectors (dim 8),
 so what the process holds is the per-product bookkeeping: ids, versions, change numbers,
 dead rows, the id lookup, attribute codes and, unless --no-fields, each product's fields
-(a fashion catalog's title, image URI and nine attributes). Resident memory is measured from
-/proc (fragmentation included) after a garbage collection, before and after each step.
+(a fashion catalog's title, image URI and nine attributes), and the BM25 index over them (in a
+directory, as a shard with snapshots keeps it: the snapshot carries it and the restore opens
+it). Resident memory is measured from /proc (fragmentation included) after a garbage
+collection, before and after each step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import gc
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -73,8 +76,9 @@ def main() -> None:
     spec = IndexSpec(kind="flat")
     rows = []
 
+    work = Path(tempfile.mkdtemp(prefix="vitrine-shard-memory-"))
     base = rss_bytes()
-    store = ShardStore(spec, FILTER_FIELDS, seal_threshold=10**9)
+    store = ShardStore(spec, FILTER_FIELDS, seal_threshold=10**9, lexical_dir=work / "lexical")
     started = time.perf_counter()
     for i in tqdm(range(n), desc="apply", unit="rec", file=sys.stderr):
         store.apply(record(i, vectors[i], not args.no_fields))
@@ -87,7 +91,7 @@ def main() -> None:
     sealed = rss_bytes()
     rows.append(("after the seal, B/product (RSS)", f"{(sealed - base) / n:,.0f}"))
     vector_bytes = n * dim * (4 + 2)  # the flat index's float32 codes and the fp16 raw copy
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=work) as tmp:  # beside the index: hard links
         write_snapshot(Path(tmp), Snapshot(store.export(), {0: n}, "t", 1, 0))
         del store
         before_load = rss_bytes()
@@ -95,15 +99,17 @@ def main() -> None:
         started = time.perf_counter()
         found = load_latest(Path(tmp), "t", 1, 0, spec)
         assert found is not None
-        restored = ShardStore(spec, FILTER_FIELDS)
-        restored.load(found.state)
+        restored = ShardStore(spec, FILTER_FIELDS, lexical_dir=work / "lexical")
+        restored.load(found.state)  # opens the snapshot's lexical index
         del found
         load_s = time.perf_counter() - started
         gc.collect()
         live = tracemalloc.get_traced_memory()[0]  # Python objects and numpy arrays, not FAISS
         tracemalloc.stop()
         loaded = rss_bytes()
-    assert len(restored) == n
+    assert len(restored) == n and len(restored.lexical) == n
+    lexical_files = sum(f.stat().st_size for f in (work / "lexical").rglob("*") if f.is_file())
+    shutil.rmtree(work, ignore_errors=True)
     segment = restored.sealed
     raw = segment.vectors.nbytes if segment.vectors is not None else 0
     resident = (loaded - before_load) / n
@@ -125,6 +131,7 @@ def main() -> None:
     for name, array in arrays.items():
         if array is not None:
             rows.append((f"  {name}, B/product", f"{array.nbytes / n:,.1f}"))
+    rows.append(("lexical index (tantivy, on disk, mmap), B/product", f"{lexical_files / n:,.0f}"))
     rows.append(("apply / seal / restore s", f"{apply_s:.1f} / {seal_s:.1f} / {load_s:.1f}"))
     width = max(len(name) for name, _ in rows)
     print(f"\n{n:,} products, fields {'off' if args.no_fields else 'on'}")

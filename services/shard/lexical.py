@@ -7,16 +7,21 @@ apply inside the lexical search exactly as inside the vector scan. The store kee
 with the same versioned upserts and deletes (services/shard/store.py); writes become visible at
 the next refresh (`refresh`, at most `REFRESH_S` after a write, like Elasticsearch's refresh
 interval), and every candidate is checked against the store before it counts, so a stale
-document can never show a deleted product or an old title. The index lives in memory and is
-derived data: a restart rebuilds it from the products the snapshot holds, a re-shard from the
-log. Covered by tests/shard/test_lexical.py.
+document can never show a deleted product or an old title. With snapshots on, the index lives
+in a directory and a snapshot carries its committed files (hard links, taken with the
+offsets); without, it lives in memory. A restart opens the snapshot's copy, or rebuilds it
+from the products the snapshot holds when there is none; a re-shard builds it from the log.
+Covered by tests/shard/test_lexical.py.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import tantivy
 
@@ -30,11 +35,16 @@ _NOT_A_WORD = re.compile(r"[^\w]+")  # the query language's operators are never 
 
 
 class LexicalIndex:
-    def __init__(self, filter_fields: Iterable[str], match_all: bool = True) -> None:
+    def __init__(
+        self, filter_fields: Iterable[str], match_all: bool = True,
+        directory: Path | None = None,
+    ) -> None:
         """`match_all`: a document must hold every word of the query (the storefront's "red
-        shirt" means red and shirt); else any word counts, ranked by BM25."""
+        shirt" means red and shirt); else any word counts, ranked by BM25. `directory`: where
+        the index lives (it must hold nothing but an index this schema wrote); None: memory."""
         self._filter_fields = list(filter_fields)
         self._match_all = match_all
+        self.directory = directory
         builder = tantivy.SchemaBuilder()
         builder.add_text_field("id", stored=True, tokenizer_name="raw")
         builder.add_text_field("text", tokenizer_name=ANALYZER)
@@ -43,19 +53,25 @@ class LexicalIndex:
         builder.add_float_field("price", indexed=True, fast=True)
         builder.add_unsigned_field("in_stock", indexed=True)
         self._schema = builder.build()
-        self._index = tantivy.Index(self._schema)
+        if directory is None:
+            self._index = tantivy.Index(self._schema)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._index = tantivy.Index(self._schema, path=str(directory))
         self._index.register_tokenizer(ANALYZER, _english())
         self._writer = self._index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
         self._dirty = False
         self._refreshed = time.monotonic()
 
-    def upsert(self, product_id: str, fields: ProductFields) -> None:
-        self._writer.delete_documents_by_term("id", product_id)
+    def upsert(self, product_id: str, fields: ProductFields, fresh: bool = False) -> None:
+        """`fresh`: the product is known to be absent (a rebuild), no delete needed."""
+        if not fresh:
+            self._writer.delete_documents_by_term("id", product_id)
         document = tantivy.Document(id=product_id, text=searchable_text(fields))
         for name in self._filter_fields:
             value = fields.attributes.get(name)
-            if value is not None and normalise(value):
-                document.add_text(_field(name), normalise(value))
+            if value is not None and (normalised := normalise(value)):
+                document.add_text(_field(name), normalised)
         if fields.price is not None:
             document.add_float("price", float(fields.price))
         if fields.in_stock is not None:
@@ -98,6 +114,28 @@ class LexicalIndex:
 
     def __len__(self) -> int:
         return int(self._index.searcher().num_docs)
+
+    def checkpoint(self, into: Path) -> None:
+        """Commit, then hard-link the committed files into `into` (a new directory): a copy
+        consistent with this moment, however tantivy merges and collects afterwards."""
+        assert self.directory is not None, "an index in memory has no files"
+        self._dirty = True  # commit even when nothing changed: meta.json must exist
+        self.refresh(force=True)
+        into.mkdir(parents=True)
+        for path in self.directory.iterdir():
+            if path.is_file() and not path.name.startswith(".tantivy"):
+                os.link(path, into / path.name)
+
+    @classmethod
+    def opened(
+        cls, filter_fields: Iterable[str], match_all: bool, directory: Path, files: Path
+    ) -> LexicalIndex:
+        """An index over a copy of a checkpoint's files (the checkpoint stays as it is)."""
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.copytree(files, directory)
+        index = cls(filter_fields, match_all, directory)
+        index._index.reload()
+        return index
 
     def _filter_clauses(self, where: RowFilter) -> list[tantivy.Query]:
         clauses = []

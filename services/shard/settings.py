@@ -80,6 +80,7 @@ class ShardSettings(CommonSettings):
         return ShardStore(
             self.index_spec(), self.filter_fields, self.seal_threshold,
             self.rebuild_dead_ratio, self.use_gpu, self.lexical_match == "all",
+            self.snapshot_dir / "lexical" if self.snapshot_dir is not None else None,
         )
 
     @model_validator(mode="after")

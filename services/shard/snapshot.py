@@ -40,6 +40,7 @@ from services.shard.store import StoreState
 log = structlog.get_logger()
 
 MANIFEST = "manifest.json"
+LEXICAL = "lexical"
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
 
@@ -65,6 +66,10 @@ def write_snapshot(directory: Path, snapshot: Snapshot, keep: int = 2) -> Path:
         digests[filename] = hashlib.sha256(data).hexdigest()
         _write_synced(tmp / filename, data)
     state = snapshot.state
+    lexical = None
+    if state.lexical is not None:  # the store's checkpoint: hard links, moved in whole
+        shutil.move(str(state.lexical), tmp / LEXICAL)
+        lexical = {f.name: f.stat().st_size for f in sorted((tmp / LEXICAL).iterdir())}
     manifest = {
         "format": FORMAT_VERSION,
         "topic": snapshot.topic,
@@ -74,6 +79,7 @@ def write_snapshot(directory: Path, snapshot: Snapshot, keep: int = 2) -> Path:
         "dim": state.dim,
         "growing": len(state.growing_ids),
         "sealed": _sealed_manifest(state.sealed),
+        "lexical": lexical,  # file -> size (tantivy checks its own files' contents)
         "sha256": digests,
     }
     _write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
@@ -197,8 +203,17 @@ def _load(path: Path, spec: IndexSpec) -> Snapshot:
         if not with_fields:  # a live sealed row carries its version: keep the rest only
             for row in np.flatnonzero(~dead).tolist():
                 versions.pop(sealed.product_id(row), None)
+    lexical = None
+    if manifest.get("lexical"):  # derived data: a damaged copy costs a rebuild, not the cut
+        lexical = path / LEXICAL
+        torn = [name for name, size in manifest["lexical"].items()
+                if not (lexical / name).is_file() or (lexical / name).stat().st_size != size]
+        if torn:
+            log.warning("snapshot's lexical index is torn: it will be rebuilt", files=torn[:3])
+            lexical = None
     state = StoreState(
         dim=manifest["dim"],
+        lexical=lexical,
         versions=versions,
         vocab=msgpack.unpackb(read("vocab.msgpack")),
         growing_ids=growing_ids,

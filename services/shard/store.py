@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
+import structlog
 
 from proto.vectors import ProductFields, VectorRecord
 from services.shard.attributes import AttributeCodes, CompiledFilter, RowFilter
@@ -37,6 +41,8 @@ from services.shard.lexical import LexicalIndex
 from services.shard.packed import PackedBytes
 from services.shard.segments import IndexSpec, SealedSegment, build_sealed, needs_rebuild
 from vitrine.errors import InvalidMessage
+
+log = structlog.get_logger()
 
 
 class Segment(Protocol):
@@ -86,6 +92,7 @@ class StoreState:
     growing_fields: list[bytes]
     sealed: SealedSegment | None  # immutable but for `dead`, which is copied below
     sealed_dead: np.ndarray
+    lexical: Path | None = None  # a checkpoint of the lexical index's files (None: rebuild)
 
 
 @dataclass
@@ -112,18 +119,23 @@ class ShardStore:
         rebuild_dead_ratio: float = 0.2,
         use_gpu: bool | None = None,
         lexical_match_all: bool = True,
+        lexical_dir: Path | None = None,
     ) -> None:
+        """`lexical_dir`: where the lexical index lives and checkpoints for snapshots (None:
+        in memory, rebuilt from the products on a restore)."""
         self.spec = spec or IndexSpec()
         self.seal_threshold = seal_threshold
         self.rebuild_dead_ratio = rebuild_dead_ratio
         self._use_gpu = use_gpu
         self._fields = list(filter_fields)
         self._match_all = lexical_match_all
+        self._lexical_dir = lexical_dir
         self.clear()
 
     def clear(self) -> None:
+        self._generation = getattr(self, "_generation", 0) + 1
         self.attributes = AttributeCodes(self._fields)
-        self.lexical = LexicalIndex(self._fields, self._match_all)
+        self.lexical = self._new_lexical()
         self.dim: int | None = None
         self.growing: ExactIndex | None = None
         self.sealed: SealedSegment | None = None
@@ -131,7 +143,6 @@ class ShardStore:
         self._growing_seqs: dict[str, int] = {}  # growing product -> its change number
         self._next_seq = 0
         self._touched: set[str] | None = None  # products changed while a seal is building
-        self._generation = getattr(self, "_generation", 0) + 1
         self.sealing = False
 
     def __len__(self) -> int:
@@ -239,18 +250,41 @@ class ShardStore:
         return out
 
     def rebuild_lexical(self) -> None:
-        """The lexical index from the products held (after a snapshot load): derived data."""
-        self.lexical = LexicalIndex(self._fields, self._match_all)
+        """The lexical index from the products held (a snapshot without one): derived data."""
+        self.lexical = self._new_lexical()
         if self.growing is not None:
             for pid in self._growing_seqs:
-                self.lexical.upsert(pid, ProductFields.unpack(self.growing.fields_of(pid)))
+                fields = ProductFields.unpack(self.growing.fields_of(pid))
+                self.lexical.upsert(pid, fields, fresh=True)
         sealed = self.sealed
         if sealed is not None:
             for row in sealed.live_rows().tolist():
-                self.lexical.upsert(
-                    sealed.product_id(row), ProductFields.unpack(sealed.fields[row])
-                )
+                fields = ProductFields.unpack(sealed.fields[row])
+                self.lexical.upsert(sealed.product_id(row), fields, fresh=True)
         self.lexical.refresh(force=True)
+
+    def _new_lexical(self) -> LexicalIndex:
+        """A fresh index; on disk in a directory of its own per generation (the one it
+        replaces may still hold its writer's lock until it is dropped)."""
+        if self._lexical_dir is None:
+            return LexicalIndex(self._fields, self._match_all)
+        directory = self._lexical_dir / f"index-{self._generation}-{time.time_ns()}"
+        index = LexicalIndex(self._fields, self._match_all, directory)
+        self._collect_lexical(keep=directory)
+        return index
+
+    def _collect_lexical(self, keep: Path) -> None:
+        """Remove the directories of earlier indexes and checkpoints no snapshot took."""
+        assert self._lexical_dir is not None
+        for old in self._lexical_dir.iterdir():
+            if old != keep and old.is_dir() and (
+                old.name.startswith("checkpoint-") or old != self.lexical_directory()
+            ):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def lexical_directory(self) -> Path | None:
+        lexical = getattr(self, "lexical", None)
+        return lexical.directory if lexical is not None else None
 
     def _row_of(self, product_id: str) -> tuple[np.ndarray, bytes] | None:
         """(filter columns, packed fields) of a live product."""
@@ -368,9 +402,16 @@ class ShardStore:
             ids, vectors, codes, fields = [], np.zeros((0, 0), np.float32), \
                 np.zeros((0, 0), np.float32), []
         sealed = self.sealed
+        lexical = None
+        if self._lexical_dir is not None:  # hard links of the committed files, taken now
+            for stale in self._lexical_dir.glob("checkpoint-*"):  # of a snapshot that failed
+                shutil.rmtree(stale, ignore_errors=True)
+            lexical = self._lexical_dir / f"checkpoint-{time.time_ns()}"
+            self.lexical.checkpoint(lexical)
         return StoreState(
             dim=self.dim or 0,
             versions=dict(self._versions),
+            lexical=lexical,
             vocab=self.attributes.export(),
             growing_ids=ids,
             growing_vectors=vectors,
@@ -403,7 +444,25 @@ class ShardStore:
             first = self._take_seqs(len(sealed))
             sealed.seqs = np.arange(first, first + len(sealed), dtype=np.int64)
             self.sealed = sealed
-        self.rebuild_lexical()
+        if not self._open_lexical(state.lexical):
+            self.rebuild_lexical()
+
+    def _open_lexical(self, files: Path | None) -> bool:
+        """The snapshot's own lexical index, if it has one that matches what it holds."""
+        if files is None or self._lexical_dir is None:
+            return False
+        directory = self._lexical_dir / f"index-{self._generation}-{time.time_ns()}"
+        try:
+            self.lexical = LexicalIndex.opened(self._fields, self._match_all, directory, files)
+        except (OSError, ValueError, RuntimeError) as exc:  # another schema, a damaged file
+            log.warning("snapshot's lexical index unusable: rebuilding", reason=str(exc))
+            return False
+        self._collect_lexical(keep=directory)
+        if len(self.lexical) != len(self):
+            log.warning("snapshot's lexical index disagrees: rebuilding",
+                        documents=len(self.lexical), products=len(self))
+            return False
+        return True
 
     def _take_seqs(self, n: int) -> int:
         """The first of `n` fresh change numbers."""

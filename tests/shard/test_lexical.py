@@ -153,3 +153,47 @@ def test_hybrid_finds_the_product_only_its_brand_word_identifies() -> None:
     # and where the words match everything equally, the vectors decide
     generic = store.lexical_search(["sports shoes"], 31)
     assert weighted_fusion(dense, generic, 5, weight=0.5).ids[0][:5] == dense.ids[0][:5]
+
+
+def test_a_snapshot_carries_the_lexical_index_and_a_damaged_one_is_rebuilt(
+    tmp_path: Path,
+) -> None:
+    vectors = unit(120, seed=6)
+
+    def store() -> ShardStore:
+        return ShardStore(IndexSpec(kind="flat"), FIELDS, seal_threshold=10**9,
+                          lexical_dir=tmp_path / "lexical")
+
+    original = store()
+    for i in range(100):
+        upsert(original, f"p{i}", 1, vectors[i], f"Roadster Shirt {i}")
+    asyncio.run(original.seal())
+    upsert(original, "p3", 2, vectors[3], "Titan Watch")  # growing, and the old row dead
+    original.apply(VectorRecord.tombstone("p4", 2, "m"))
+    snapshots = tmp_path / "snapshots"
+    written = write_snapshot(snapshots, Snapshot(original.export(), {0: 1}, "t", 1, 0))
+    assert sorted((written / "lexical").iterdir())  # the index's files went in
+    assert not list((tmp_path / "lexical").glob("checkpoint-*"))  # moved, nothing left
+
+    def restored(with_lexical: bool = True) -> ShardStore:
+        found = load_latest(snapshots, "t", 1, 0, IndexSpec(kind="flat"))
+        assert found is not None and (found.state.lexical is not None) == with_lexical
+        fresh = store()
+        fresh.load(found.state)
+        return fresh
+
+    opened = restored()
+    assert opened.lexical.directory is not None
+    assert opened.lexical.directory.parent == tmp_path / "lexical"
+    assert lexical_ids(opened, "titan") == ["p3"] and lexical_ids(opened, "shirt 3") == []
+    assert "p4" not in lexical_ids(opened, "roadster shirt 4", k=200)
+    assert len(opened.lexical) == len(opened) == 99
+    upsert(opened, "p5", 2, vectors[5], "Puma Shoes")  # the opened index takes writes
+    assert lexical_ids(opened, "puma") == ["p5"]
+
+    for path in (written / "lexical").iterdir():  # damage the snapshot's copy
+        if path.suffix == ".idx":
+            path.write_bytes(b"")
+    rebuilt = restored(with_lexical=False)  # the rest of the snapshot still serves...
+    assert lexical_ids(rebuilt, "titan") == ["p3"]  # ...and the index is rebuilt from it
+    assert len(rebuilt.lexical) == len(rebuilt) == 99
