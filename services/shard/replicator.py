@@ -72,9 +72,10 @@ class VectorReplicator:
                     not_caught_up.discard(message.partition())
                 else:
                     log.warning("consumer error", error=str(error))
-            # lexical searches see the writes within REFRESH_S; all of them once caught up
-            self._store.lexical.refresh(force=not self._readiness.ready)
-            if not not_caught_up and not self._readiness.ready:
+            if self._readiness.ready:  # lexical searches see the writes within REFRESH_S
+                self._store.lexical.refresh()
+            elif not not_caught_up:  # a catch-up commits once, at its end, not per batch
+                self._store.lexical.refresh(force=True)
                 log.info("caught up", vectors=len(self._store), partitions=self.partitions)
                 self._readiness.set_ready()
             self._metrics.vectors.set(len(self._store))
