@@ -143,7 +143,7 @@ class SearchResponse(BaseModel):
     def vector_of(self, query: int, hit: int) -> np.ndarray | None:
         if not self.vectors:
             return None
-        return np.frombuffer(self.vectors[query][hit], dtype=np.float16).astype(np.float32)
+        return np.frombuffer(self.vectors[query][hit], dtype=np.float16)  # as sent: float16
 
     def to_wire(self) -> bytes:
         return pack(self.model_dump())

@@ -160,38 +160,46 @@ class Group:
 def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
     """Best first, each hit joins the first better one with the same picture digest or a
     vector at least `cosine` close; the rest are results. Across shards, since the hits are
-    merged already."""
+    merged already. The closeness of every pair is one matrix product."""
+    closeness, has_vector = _closeness([hit.vector for hit in hits])
     groups: list[Group] = []
-    by_digest: dict[str, Group] = {}
-    units: list[np.ndarray] = []  # the unit vectors of the groups that have one...
-    owners: list[Group] = []  # ...and whose they are
-    for hit in hits:
+    group_of: list[int] = []  # hit -> the group it went to
+    by_digest: dict[str, int] = {}
+    leaders: list[int] = []  # the hits that lead a group and have a vector
+    for i, hit in enumerate(hits):
         digest = ProductFields.digest_of(hit.fields)
         twin = by_digest.get(digest) if digest else None
-        unit = _unit(hit.vector)
-        if twin is None and unit is not None and units and len(units[0]) == len(unit):
-            closeness = np.stack(units) @ unit
-            best = int(np.argmax(closeness))
-            if closeness[best] >= cosine:
-                twin = owners[best]
+        if twin is None and has_vector[i] and leaders:
+            best = max(leaders, key=lambda j: closeness[i, j])
+            if closeness[i, best] >= cosine:
+                twin = group_of[best]
         if twin is not None:
-            twin.also.append(hit.product_id)
+            groups[twin].also.append(hit.product_id)
+            group_of.append(twin)
             continue
-        group = Group(hit)
-        groups.append(group)
+        group_of.append(len(groups))
+        groups.append(Group(hit))
         if digest:
-            by_digest[digest] = group
-        if unit is not None and (not units or len(units[0]) == len(unit)):
-            units.append(unit)
-            owners.append(group)
+            by_digest[digest] = group_of[i]
+        if has_vector[i]:
+            leaders.append(i)
     return groups
 
 
-def _unit(vector: np.ndarray | None) -> np.ndarray | None:
-    if vector is None or not len(vector):
-        return None
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else None
+def _closeness(vectors: Sequence[np.ndarray | None]) -> tuple[np.ndarray, list[bool]]:
+    """Pairwise cosine of the hits' vectors (0 where one has none or another size)."""
+    sizes = Counter(len(v) for v in vectors if v is not None and len(v))
+    if not sizes:
+        return np.zeros((len(vectors), len(vectors)), np.float32), [False] * len(vectors)
+    dim = sizes.most_common(1)[0][0]
+    usable = [v is not None and len(v) == dim and bool(np.any(v)) for v in vectors]
+    matrix = np.zeros((len(vectors), dim), dtype=np.float32)
+    for i, vector in enumerate(vectors):
+        if usable[i]:
+            assert vector is not None
+            matrix[i] = vector
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    return matrix @ matrix.T, usable
 
 
 def merge_facets(responses: Sequence[SearchResponse]) -> dict[str, list[FacetValue]]:

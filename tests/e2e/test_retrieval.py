@@ -71,9 +71,11 @@ def catalog(stack: LocalStack, fashion_data: Path, image_root: Path) -> dict[str
         publisher.publish(event)
     publisher.flush()
     mine = products[: len(rows)]
-    eventually(lambda: len(ids(search(stack.router_url, q="retrievaltest", usage=GROUP,
-                                      k=100, mode="dense", collapse=False))) == len(mine),
-               what="this module's products indexed")
+    for mode in ("dense", "lexical"):  # the lexical index refreshes a moment later
+        eventually(lambda m=mode: len(ids(search(stack.router_url, q="retrievaltest",
+                                                 usage=GROUP, k=100, mode=m,
+                                                 collapse=False))) == len(mine),
+                   what=f"this module's products indexed ({mode})")
     eventually(lambda: len(ids(search(stack.router_url, q="twin listing", usage="Twintest",
                                       mode="lexical", collapse=False))) == 3,
                what="the twins indexed")
