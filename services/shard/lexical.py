@@ -83,11 +83,6 @@ class LexicalIndex:
         self._writer.delete_documents_by_term("id", product_id)
         self._dirty = True
 
-    def clear(self) -> None:
-        self._writer.delete_all_documents()
-        self._dirty = True
-        self.refresh(force=True)
-
     def refresh(self, force: bool = False) -> bool:
         """Make the writes so far searchable, unless the last refresh was under REFRESH_S ago."""
         if not self._dirty or (not force and time.monotonic() - self._refreshed < REFRESH_S):

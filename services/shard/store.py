@@ -274,17 +274,12 @@ class ShardStore:
         return index
 
     def _collect_lexical(self, keep: Path) -> None:
-        """Remove the directories of earlier indexes and checkpoints no snapshot took."""
+        """Remove the directories of the indexes `keep` replaces (checkpoints are the
+        snapshots' to move, and `export` clears the ones a failed snapshot left)."""
         assert self._lexical_dir is not None
-        for old in self._lexical_dir.iterdir():
-            if old != keep and old.is_dir() and (
-                old.name.startswith("checkpoint-") or old != self.lexical_directory()
-            ):
+        for old in self._lexical_dir.glob("index-*"):
+            if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
-
-    def lexical_directory(self) -> Path | None:
-        lexical = getattr(self, "lexical", None)
-        return lexical.directory if lexical is not None else None
 
     def _row_of(self, product_id: str) -> tuple[np.ndarray, bytes] | None:
         """(filter columns, packed fields) of a live product."""
