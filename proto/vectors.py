@@ -157,7 +157,8 @@ class VectorRecord(BaseModel):
         return np.frombuffer(self.vector, dtype=_DTYPES[self.dtype]).astype(np.float32)
 
     def fields(self) -> ProductFields:
-        return ProductFields(
+        """Built without validating again: this record's fields were checked on decode."""
+        return ProductFields.model_construct(
             title=self.title, image_uri=self.image_uri, attributes=self.attributes,
             price=self.price, in_stock=self.in_stock, image_digest=self.image_digest,
         )
