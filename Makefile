@@ -8,7 +8,7 @@ DATA    ?= ../shared/data/fashion
 LIMIT   ?= 1000
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo up test lint clean
+.PHONY: setup demo up test lint clean peers
 
 setup: $(STAMP) /usr/bin/redis-server /usr/bin/chromium
 
@@ -41,5 +41,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# the engines benchmarks/peers.py compares against, in a venv of their own (never in Vitrine's)
+PEERS   := .venv-peers
+peers: $(PEERS)/.installed
+$(PEERS)/.installed: benchmarks/peers-requirements.txt
+	test -x $(PEERS)/bin/python || python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --disable-pip-version-check uv
+	$(PEERS)/bin/uv pip install --python $(PEERS)/bin/python -r benchmarks/peers-requirements.txt
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(PEERS) .pytest_cache .mypy_cache

@@ -77,7 +77,7 @@ async def search_post(request: web.Request) -> web.Response:
 async def _answered(request: web.Request, query: Query, started: float) -> web.Response:
     budget = budget_ms(request, request.app[SETTINGS])
     answer = await request.app[SEARCH].answer(query, budget, request_id(request), started)
-    return web.json_response(answer.model_dump())
+    return web.Response(body=answer.model_dump_json().encode(), content_type="application/json")
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:

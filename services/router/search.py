@@ -170,9 +170,10 @@ def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
         digest = ProductFields.digest_of(hit.fields)
         twin = by_digest.get(digest) if digest else None
         if twin is None and has_vector[i] and leaders:
-            best = max(leaders, key=lambda j: closeness[i, j])
-            if closeness[i, best] >= cosine:
-                twin = group_of[best]
+            near = closeness[i, leaders]
+            best = int(np.argmax(near))  # the first of equals, as the hits are ranked
+            if near[best] >= cosine:
+                twin = group_of[leaders[best]]
         if twin is not None:
             groups[twin].also.append(hit.product_id)
             group_of.append(twin)
@@ -187,19 +188,18 @@ def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:
 
 
 def _closeness(vectors: Sequence[np.ndarray | None]) -> tuple[np.ndarray, list[bool]]:
-    """Pairwise cosine of the hits' vectors (0 where one has none or another size)."""
-    sizes = Counter(len(v) for v in vectors if v is not None and len(v))
+    """Pairwise cosine of the hits' vectors (0 where one has none, another size, or zeros)."""
+    lengths = [0 if v is None else len(v) for v in vectors]
+    sizes = Counter(n for n in lengths if n)
     if not sizes:
         return np.zeros((len(vectors), len(vectors)), np.float32), [False] * len(vectors)
     dim = sizes.most_common(1)[0][0]
-    usable = [v is not None and len(v) == dim and bool(np.any(v)) for v in vectors]
+    rows = [i for i, n in enumerate(lengths) if n == dim]
     matrix = np.zeros((len(vectors), dim), dtype=np.float32)
-    for i, vector in enumerate(vectors):
-        if usable[i]:
-            assert vector is not None
-            matrix[i] = vector
-    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-    return matrix @ matrix.T, usable
+    matrix[rows] = np.stack([vectors[i] for i in rows])  # type: ignore[misc]
+    norms = np.linalg.norm(matrix, axis=1)
+    matrix /= np.maximum(norms, 1e-12)[:, np.newaxis]
+    return matrix @ matrix.T, (norms > 0).tolist()
 
 
 def merge_facets(responses: Sequence[SearchResponse]) -> dict[str, list[FacetValue]]:

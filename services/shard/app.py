@@ -116,13 +116,17 @@ async def search(request: web.Request) -> web.Response:
     facets = [count_facets(fields[: query.facet_candidates], query.facets)
               for fields in hits.fields] if query.facets else []
     top = hits.head(query.k)
+    vectors: list[list[bytes]] = []
+    if v2 and query.with_vectors:  # the dense scan gathered them; fused hits are looked up
+        vectors = top.vectors if top.vectors is not None else \
+            [store.vectors_of(ids) for ids in top.ids]
     answer = SearchResponse(  # in the version asked: a router of the release before reads v1
         schema_version=query.schema_version,
         shard_id=app[SETTINGS].shard_id,
         ids=top.ids,
         scores=top.scores,
         fields=top.fields if v2 else [],
-        vectors=[store.vectors_of(ids) for ids in top.ids] if v2 and query.with_vectors else [],
+        vectors=vectors,
         facets=facets if v2 else [],
         facet_candidates=[min(len(f), query.facet_candidates) for f in hits.fields]
         if v2 and query.facets else [],
@@ -138,7 +142,8 @@ async def _ranked(app: web.Application, query: SearchRequest, where: RowFilter, 
     if query.facets:
         store.attributes.check_fields(query.facets, "facet")
     if query.mode == "dense":
-        return await app[BATCHER].search(query.query_matrix(), depth, filters)
+        return await app[BATCHER].search(query.query_matrix(), depth, filters,
+                                         query.with_vectors and query.schema_version >= 2)
     if query.mode == "lexical":
         return store.lexical_search(query.texts, depth, filters)
     settings = app[SETTINGS]

@@ -4,7 +4,8 @@ A GPU scan costs about the same for 1 query as for 64 (it is bound by reading th
 and FAISS on the CPU also amortises its passes over a batch. Each request parks its queries
 here; a flush scheduled with `call_soon` runs after every request already readable on this
 loop iteration has parked, so batching adds no waiting. Requests batch together only when they
-share dim and filters; each gets its own k back. Covered by tests/shard/test_batching.py.
+share dim and filters; each gets its own k back (and the hits' vectors if any asked).
+Covered by tests/shard/test_batching.py.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import numpy as np
 from services.shard.attributes import RowFilter
 from services.shard.store import Hits
 
-SearchFn = Callable[[np.ndarray, int, RowFilter | None], Hits]
+SearchFn = Callable[[np.ndarray, int, RowFilter | None, bool], Hits]
 
 
 @dataclass
 class _Parked:
     queries: np.ndarray
     k: int
+    with_vectors: bool
     future: asyncio.Future[Hits]
 
 
@@ -45,12 +47,13 @@ class QueryBatcher:
     async def search(
         self, queries: np.ndarray, k: int,
         filters: RowFilter | Mapping[str, Sequence[str]] | None = None,
+        with_vectors: bool = False,
     ) -> Hits:
         loop = asyncio.get_running_loop()
         if filters is not None and not isinstance(filters, RowFilter):
             filters = RowFilter(attributes=filters)
         key = (queries.shape[1], filters.key() if filters else ())
-        parked = _Parked(queries, k, loop.create_future())
+        parked = _Parked(queries, k, with_vectors, loop.create_future())
         self._parked.setdefault(key, []).append(parked)
         self._filters[key] = filters or None
         if not self._flush_scheduled:
@@ -84,7 +87,8 @@ class QueryBatcher:
         queries = np.concatenate([item.queries for item in live])
         started = asyncio.get_running_loop().time()
         try:
-            hits = self._search(queries, max(item.k for item in live), filters)
+            hits = self._search(queries, max(item.k for item in live), filters,
+                                any(item.with_vectors for item in live))
         except Exception as exc:  # the same error for every request of the batch
             for item in live:
                 item.future.set_exception(exc)

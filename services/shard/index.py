@@ -121,6 +121,9 @@ class ExactIndex:
     def product_fields(self, row: int) -> bytes:
         return self._fields[row]
 
+    def vectors16(self, rows: np.ndarray) -> np.ndarray:
+        return self._vectors[rows].astype(np.float16)
+
     def fields_of(self, product_id: str) -> bytes:
         return self._fields[self._slots[product_id]]
 

@@ -24,6 +24,7 @@ Covered by tests/shard/test_segments.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +158,20 @@ class SealedSegment:
                 return int(row)
         return None
 
+    def live_rows_of(self, product_ids: Sequence[str]) -> list[int | None]:
+        """`live_row` of many products, their hashes looked up together."""
+        assert self.lookup is not None
+        wanted = [pid.encode() for pid in product_ids]
+        if not wanted:
+            return []
+        lows, highs = self.lookup.spans_of(wanted)
+        found: list[int | None] = []
+        for pid, lo, hi in zip(wanted, lows.tolist(), highs.tolist(), strict=True):
+            rows = self.lookup.rows[lo:hi].tolist()
+            found.append(next((row for row in rows
+                               if not self.dead[row] and self.ids[row] == pid), None))
+        return found
+
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.dead)
 
@@ -237,6 +252,12 @@ class SealedSegment:
         picked = np.take_along_axis(rows, order, axis=1)
         picked[~np.isfinite(scores)] = -1
         return scores.astype(np.float32), picked
+
+    def vectors16(self, rows: np.ndarray) -> np.ndarray:
+        """float16 vectors of `rows` (what hits carry to the router's collapse)."""
+        if self.vectors is not None:
+            return self.vectors[rows]
+        return self.raw(rows).astype(np.float16)
 
     def raw(self, rows: np.ndarray) -> np.ndarray:
         """float32 vectors of `rows`: kept ones, else decoded from the index (lossy for PQ)."""

@@ -60,13 +60,17 @@ class Segment(Protocol):
 
     def product_fields(self, row: int) -> bytes: ...
 
+    def vectors16(self, rows: np.ndarray) -> np.ndarray: ...
+
 
 class Hits(NamedTuple):
-    """Per query, best first: scores, product ids and their packed fields, aligned."""
+    """Per query, best first: scores, product ids and their packed fields, aligned; with
+    each hit's float16 vector bytes when the search was asked for them (else None)."""
 
     scores: list[list[float]]
     ids: list[list[str]]
     fields: list[list[bytes]]
+    vectors: list[list[bytes]] | None = None
 
     def head(self, k: int, start: int = 0, stop: int | None = None) -> Hits:
         """The best k of each query in [start, stop)."""
@@ -75,6 +79,7 @@ class Hits(NamedTuple):
             [row[:k] for row in self.scores[rows]],
             [row[:k] for row in self.ids[rows]],
             [row[:k] for row in self.fields[rows]],
+            None if self.vectors is None else [row[:k] for row in self.vectors[rows]],
         )
 
 
@@ -186,31 +191,40 @@ class ShardStore:
     def search(
         self, queries: np.ndarray, k: int,
         filters: RowFilter | Mapping[str, Sequence[str]] | None = None,
+        with_vectors: bool = False,
     ) -> Hits:
-        """Both segments searched, filters applied inside each scan, then merged by score."""
+        """Both segments searched, filters applied inside each scan, then merged by score.
+        `with_vectors`: each hit's vector too, gathered from the rows the scan returned."""
         where = self.attributes.compile(filters) if filters else None
         nq = len(queries)
         if self.dim is not None and queries.shape[1] != self.dim:
             raise InvalidMessage(f"queries of dim {queries.shape[1]}, the shard holds {self.dim}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        candidates: list[list[tuple[float, str, bytes]]] = [[] for _ in range(nq)]
+        found = []
         segments: list[Segment | None] = [self.growing, self.sealed]
         for segment in segments:
-            if segment is None or not len(segment):
-                continue
-            scores, rows = segment.search(queries, k, where)
-            for q in range(nq):
-                candidates[q].extend(
-                    (score, segment.product_id(row), segment.product_fields(row))
-                    for score, row in zip(scores[q].tolist(), rows[q].tolist(), strict=True)
-                    if row >= 0
+            if segment is not None and len(segment):
+                found.append((segment, *segment.search(queries, k, where)))
+        hits = Hits([], [], [], [] if with_vectors else None)
+        for q in range(nq):
+            candidates: list[tuple[float, str, bytes, bytes]] = []
+            for segment, scores, rows in found:
+                kept = rows[q] >= 0
+                picked = rows[q][kept]
+                vectors = segment.vectors16(picked) if with_vectors else None
+                candidates.extend(
+                    (score, segment.product_id(row), segment.product_fields(row),
+                     vectors[i].tobytes() if vectors is not None else b"")
+                    for i, (score, row) in enumerate(zip(scores[q][kept].tolist(),
+                                                         picked.tolist(), strict=True))
                 )
-        best = [heapq.nlargest(k, found, key=_by_score) for found in candidates]
-        return Hits(
-            [[hit[0] for hit in hits] for hits in best],
-            [[hit[1] for hit in hits] for hits in best],
-            [[hit[2] for hit in hits] for hits in best],
-        )
+            best = heapq.nlargest(k, candidates, key=_by_score)
+            hits.scores.append([hit[0] for hit in best])
+            hits.ids.append([hit[1] for hit in best])
+            hits.fields.append([hit[2] for hit in best])
+            if hits.vectors is not None:
+                hits.vectors.append([hit[3] for hit in best])
+        return hits
 
     def lexical_search(
         self, texts: Sequence[str], k: int, filters: RowFilter | None = None
@@ -220,9 +234,9 @@ class ShardStore:
         where = self.attributes.compile(filters) if filters else None
         found = Hits([], [], [])
         for text in texts:
-            hits = [(score, pid, self._row_of(pid)) for score, pid in
-                    self.lexical.search(text, k, filters)]
-            kept = [(score, pid, row) for score, pid, row in hits
+            hits = self.lexical.search(text, k, filters)
+            rows = self._rows_of([pid for _, pid in hits])
+            kept = [(score, pid, row) for (score, pid), row in zip(hits, rows, strict=True)
                     if row is not None and (where is None or where.mask(row[0][None])[0])]
             found.scores.append([score for score, _, _ in kept])
             found.ids.append([pid for _, pid, _ in kept])
@@ -231,22 +245,20 @@ class ShardStore:
 
     def vectors_of(self, product_ids: Sequence[str]) -> list[bytes]:
         """Each live product's vector as float16 bytes (b"" for one no longer held); the
-        sealed ones read in one gather."""
+        sealed ones looked up and read together."""
         out = [b""] * len(product_ids)
-        sealed_at: list[int] = []
-        sealed_rows: list[int] = []
-        for i, pid in enumerate(product_ids):
-            if pid in self._growing_seqs:
-                assert self.growing is not None
-                out[i] = self.growing.vector_of(pid).astype(np.float16).tobytes()
-            elif self.sealed is not None and (row := self.sealed.live_row(pid)) is not None:
-                sealed_at.append(i)
-                sealed_rows.append(row)
-        if sealed_rows:
-            assert self.sealed is not None
-            vectors = self.sealed.raw(np.array(sealed_rows)).astype(np.float16)
-            for i, vector in zip(sealed_at, vectors, strict=True):
-                out[i] = vector.tobytes()
+        growing = [i for i, pid in enumerate(product_ids) if pid in self._growing_seqs]
+        for i in growing:
+            assert self.growing is not None
+            out[i] = self.growing.vector_of(product_ids[i]).astype(np.float16).tobytes()
+        sealed_at = [i for i, pid in enumerate(product_ids) if pid not in self._growing_seqs]
+        if self.sealed is not None and sealed_at:
+            rows = self.sealed.live_rows_of([product_ids[i] for i in sealed_at])
+            held = [(i, row) for i, row in zip(sealed_at, rows, strict=True) if row is not None]
+            if held:
+                vectors = self.sealed.vectors16(np.array([row for _, row in held]))
+                for (i, _), vector in zip(held, vectors, strict=True):
+                    out[i] = vector.tobytes()
         return out
 
     def rebuild_lexical(self) -> None:
@@ -281,16 +293,23 @@ class ShardStore:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _row_of(self, product_id: str) -> tuple[np.ndarray, bytes] | None:
-        """(filter columns, packed fields) of a live product."""
-        if product_id in self._growing_seqs:
-            assert self.growing is not None
-            return self.growing.codes_of(product_id), self.growing.fields_of(product_id)
-        row = self.sealed.live_row(product_id) if self.sealed is not None else None
-        if row is None:
-            return None
-        assert self.sealed is not None
-        return self.sealed.codes[row], self.sealed.fields[row]
+    def _rows_of(self, product_ids: Sequence[str]) -> list[tuple[np.ndarray, bytes] | None]:
+        """(filter columns, packed fields) of each product, None for one not held."""
+        out: list[tuple[np.ndarray, bytes] | None] = [None] * len(product_ids)
+        sealed_at = []
+        for i, pid in enumerate(product_ids):
+            if pid in self._growing_seqs:
+                assert self.growing is not None
+                out[i] = self.growing.codes_of(pid), self.growing.fields_of(pid)
+            else:
+                sealed_at.append(i)
+        sealed = self.sealed
+        if sealed is not None and sealed_at:
+            rows = sealed.live_rows_of([product_ids[i] for i in sealed_at])
+            for i, row in zip(sealed_at, rows, strict=True):
+                if row is not None:
+                    out[i] = sealed.codes[row], sealed.fields[row]
+        return out
 
     def product(self, product_id: str) -> tuple[int, bytes] | None:
         """(version, packed fields) of a live product, or None."""
@@ -480,5 +499,5 @@ class ShardStore:
                 self.sealed.kill(row)
 
 
-def _by_score(hit: tuple[float, str, bytes]) -> tuple[float, str]:
+def _by_score(hit: tuple[float, str, bytes, bytes]) -> tuple[float, str]:
     return hit[0], hit[1]

@@ -61,6 +61,18 @@ class Catalog:
             assert ids, "every live product's own vector finds something"
             for pid, packed in zip(ids, fields, strict=True):
                 assert ProductFields.unpack(packed) == self.fields[pid], pid
+        self.check_vectors(store, np.stack([self.vectors[p] for p in pids]), hits.ids)
+
+    def check_vectors(self, store: ShardStore, queries: np.ndarray, ids: list[list[str]]) -> None:
+        """The vectors a search gathers from its rows are the ones a lookup by id finds: the
+        latest each product was given, in float16; a product not held has none."""
+        found = store.search(queries, 3, with_vectors=True)
+        assert found.ids == ids and found.vectors is not None
+        for pids, vectors in zip(found.ids, found.vectors, strict=True):
+            assert vectors == store.vectors_of(pids)
+            assert vectors == [self.vectors[p].astype(np.float16).tobytes() for p in pids]
+        gone = sorted(set(self.versions) - set(self.fields))
+        assert store.vectors_of([*gone, "never-held"]) == [b""] * (len(gone) + 1)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw", "torch"])
@@ -173,3 +185,27 @@ def test_packed_bytes() -> None:
         PackedBytes(np.zeros(3, np.uint8), np.array([0, 2], np.int64))
     with pytest.raises(ValueError, match="offsets"):
         PackedBytes(np.zeros(3, np.uint8), np.array([0, 2, 1, 3], np.int64))
+
+
+def test_ids_looked_up_together_find_what_one_at_a_time_finds() -> None:
+    """The batched lookup (hits' vectors, lexical candidates) against the single one, in a
+    merged segment where updated products have a dead old row beside their live new one."""
+    vectors = unit_vectors(600)
+    store = ShardStore(IndexSpec(kind="flat"), seal_threshold=10**9, rebuild_dead_ratio=1.0)
+    catalog = Catalog(store)
+    for i in range(400):
+        catalog.upsert(f"p{i}", vectors[i], f"product {i}")
+    asyncio.run(store.seal())
+    for i in range(0, 400, 3):
+        catalog.upsert(f"p{i}", vectors[400 + i % 200], f"moved {i}")
+    for i in range(1, 400, 7):
+        catalog.delete(f"p{i}")
+    asyncio.run(store.seal())  # clone + add: the old rows stay, dead
+    sealed = store.sealed
+    assert sealed is not None and sealed.dead_count > 0 and not len(store.growing or ())
+    asked = [f"p{i}" for i in range(450)] + ["", "p" * 128, "p1"]
+    rows = sealed.live_rows_of(asked)
+    assert rows == [sealed.live_row(pid) for pid in asked]
+    assert {pid for pid, row in zip(asked, rows, strict=True) if row is not None} == \
+        set(catalog.vectors)
+    catalog.check()

@@ -115,14 +115,16 @@ def test_filters_apply_before_the_top_k_is_cut(kind: IndexType, exact_below: int
         store.apply(VectorRecord.upsert(f"g{i}", 1, "m", vectors[i], attributes={"colour": "Red"}))
 
     query = vectors[1][None]  # p1 is blue: its neighbours are mostly blue and green
-    scores, ids, _ = store.search(query, 20, {"colour": ["RED "]})
+    found = store.search(query, 20, {"colour": ["RED "]})
+    scores, ids = found.scores, found.ids
     assert len(ids[0]) == 20 and all(pid.startswith("g") or int(pid[1:]) % 3 == 0 for pid in ids[0])
     red = {pid: v for pid, v in _live_vectors(store, vectors).items()
            if pid.startswith("g") or int(pid[1:]) % 3 == 0}
     assert len(set(ids[0]) & set(exact_top(red, query[0], 20))) >= 19
     assert scores[0] == sorted(scores[0], reverse=True)
-    assert store.search(query, 5, {"colour": ["purple"]}) == ([[]], [[]], [[]])
-    assert store.search(query, 5, {"colour": ["red"], "gender": ["women"]}) == ([[]], [[]], [[]])
+    assert store.search(query, 5, {"colour": ["purple"]}) == ([[]], [[]], [[]], None)
+    assert store.search(query, 5, {"colour": ["red"], "gender": ["women"]}) == \
+        ([[]], [[]], [[]], None)
     with pytest.raises(InvalidQuery, match="filterable fields are colour, gender"):
         store.search(query, 5, {"brand": ["x"]})
 
