@@ -100,9 +100,10 @@ def chunks(base: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     begun = time.perf_counter()
     for number, start in enumerate(starts):
         yield start, np.array(base[start: start + CHUNK], dtype=np.float32)
-        if tqdm is None and number % 10 == 9:
-            print(f"build: {start + CHUNK:,}/{len(base):,} rows fed, "
-                  f"{time.perf_counter() - begun:.0f} s", file=sys.stderr, flush=True)
+        fed = min(len(base), start + CHUNK)
+        if tqdm is None and (number % 5 == 4 or fed == len(base)):
+            print(f"build: {fed:,}/{len(base):,} rows fed, {time.perf_counter() - begun:.0f} s",
+                  file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the engines
@@ -115,7 +116,8 @@ class Engine:
     name = ""
     modules: tuple[str, ...] = ()  # imported before the memory baseline
     dists: tuple[str, ...] = ()  # the distributions whose versions the JSON reports
-    setting_keys: frozenset[str] = frozenset()
+    setting_keys: frozenset[str] = frozenset()  # what a search-time setting may hold
+    required_keys: frozenset[str] = frozenset()  # and must
     default_sweep: list[dict[str, Any]] = []
     batch_note = ""  # set where an engine has no batch call and search_batch loops
 
@@ -126,12 +128,16 @@ class Engine:
 
     @classmethod
     def check(cls, settings: list[dict[str, Any]]) -> None:
-        """Refuse unknown setting keys before an hour-long build, not after."""
+        """Refuse a malformed sweep before an hour-long build, not after it."""
+        if not isinstance(settings, list) or not all(isinstance(s, dict) for s in settings):
+            raise ValueError(f"--settings must be a JSON list of objects, got {settings!r}")
         for setting in settings:
-            unknown = set(setting) - cls.setting_keys
-            if unknown:
-                raise ValueError(f"{cls.name}: unknown setting keys {sorted(unknown)} in "
-                                 f"{setting}; it takes {sorted(cls.setting_keys)}")
+            unknown, missing = set(setting) - cls.setting_keys, cls.required_keys - set(setting)
+            bad = [v for v in setting.values() if not isinstance(v, int) or v < 1]
+            if unknown or missing or bad:
+                raise ValueError(f"{cls.name}: bad setting {setting}: keys "
+                                 f"{sorted(cls.required_keys)} required, "
+                                 f"{sorted(cls.setting_keys)} allowed, values positive ints")
 
     def index(self) -> str:
         raise NotImplementedError
@@ -159,7 +165,7 @@ class Usearch(Engine):
     name = "usearch"
     modules = ("usearch.index",)
     dists = ("usearch",)
-    setting_keys = frozenset({"ef"})
+    setting_keys = required_keys = frozenset({"ef"})
     default_sweep = HNSW_SWEEP
 
     def __init__(self, folder: Path, dim: int, rows: int) -> None:
@@ -200,7 +206,7 @@ class QdrantEdge(Engine):
     name = "qdrant-edge"
     modules = ("qdrant_edge",)
     dists = ("qdrant-edge-py",)
-    setting_keys = frozenset({"ef"})
+    setting_keys = required_keys = frozenset({"ef"})
     default_sweep = HNSW_SWEEP
     FULL_SCAN_KB = 10_000  # Qdrant's default: segments below 10 MB of vectors are scanned
 
@@ -261,7 +267,7 @@ class Chroma(Engine):
     name = "chroma"
     modules = ("chromadb",)
     dists = ("chromadb",)
-    setting_keys = frozenset({"ef"})
+    setting_keys = required_keys = frozenset({"ef"})
     default_sweep = HNSW_SWEEP
 
     def __init__(self, folder: Path, dim: int, rows: int) -> None:
@@ -334,6 +340,7 @@ class Lance(Engine):
     modules = ("lancedb", "lancedb.index", "pyarrow")
     dists = ("lancedb", "pyarrow")
     setting_keys = frozenset({"nprobes", "refine_factor"})
+    required_keys = frozenset({"nprobes"})
     default_sweep = IVF_SWEEP
 
     def __init__(self, folder: Path, dim: int, rows: int) -> None:
@@ -399,7 +406,7 @@ class MilvusLite(Engine):
     name = "milvus-lite"
     modules = ("pymilvus", "milvus_lite", "faiss")
     dists = ("milvus-lite", "pymilvus", "faiss-cpu")
-    setting_keys = frozenset({"ef"})
+    setting_keys = required_keys = frozenset({"ef"})
     default_sweep = HNSW_SWEEP
 
     def __init__(self, folder: Path, dim: int, rows: int) -> None:

@@ -318,6 +318,14 @@ def _key(*parts: object) -> str:
 # ---------------------------------------------------------------- Vitrine's services
 
 
+def build_fleet_in(work: Workload, directory: Path, shards: int) -> None:
+    """The shards' snapshots under `directory`/snapshots, built in a process of their own."""
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "fleet",
+                    "--base", str(work.base), "--fields", str(work.fields),
+                    "--real", str(work.real), "--shards", str(shards),
+                    "--workdir", str(directory)], check=True)
+
+
 def stack_for(state: Path, num_shards: int, nprobe: int) -> Any:
     from vitrine.cli.stack import LocalStack, StackSettings
 
@@ -499,10 +507,7 @@ def stack_rows(work: Workload, args: argparse.Namespace, tmp: Path, nprobe: int,
                         "memory: its whole RSS"))
     if "vitrine-router" in args.engines:
         fleet = tmp / "fleet"
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "fleet",
-                        "--base", str(work.base), "--fields", str(work.fields),
-                        "--real", str(work.real), "--shards", "2", "--workdir", str(fleet)],
-                       check=True)
+        build_fleet_in(work, fleet, 2)
         encode = encode_latency(work.fresh)
         stack = stack_for(fleet, 2, nprobe)
         stack.start()
