@@ -212,10 +212,15 @@ class VitrineEngine:
         self.store = ShardStore(spec, settings.filter_fields, seal_threshold=1 << 62,
                                 lexical_dir=lexical_dir)
 
-    def build(self, base: np.ndarray, fields: list[bytes], real: int) -> None:
-        for start, x in chunks(base):
-            for offset, vector in enumerate(x):
-                row = start + offset
+    def build(self, base: np.ndarray, fields: list[bytes], real: int,
+              rows: np.ndarray | None = None) -> None:
+        """Apply `rows` of `base` (all by default) as upserts, then seal once."""
+        rows = np.arange(len(base)) if rows is None else rows
+        for start in tqdm(range(0, len(rows), CHUNK), desc="apply", file=sys.stderr,
+                          leave=False):
+            picked = rows[start: start + CHUNK]
+            vectors = np.asarray(base[picked], dtype=np.float32)
+            for row, vector in zip(picked.tolist(), vectors, strict=True):
                 shown = ProductFields.unpack(fields[row % real])
                 self.store.apply(VectorRecord.upsert(
                     f"p{row}", 1, "bench", vector, attributes=shown.attributes,
@@ -223,7 +228,8 @@ class VitrineEngine:
                 ))
         asyncio.run(self.store.seal())
         self.store.lexical.refresh(force=True)
-        self.store.growing.shrink() if self.store.growing is not None else None
+        if self.store.growing is not None:
+            self.store.growing.shrink()
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> list[list[int]]:
         sealed = self.store.sealed
@@ -295,14 +301,7 @@ def build_fleet(args: argparse.Namespace) -> None:
         rows = np.flatnonzero(owner == shard)
         workdir = Path(args.workdir)
         engine = VitrineEngine(IndexSpec(kind="ivf_flat"), workdir / f"lexical-{shard}")
-        for start in tqdm(range(0, len(rows), CHUNK), desc=f"shard {shard}", file=sys.stderr):
-            for row in rows[start: start + CHUNK].tolist():
-                shown = ProductFields.unpack(fields[row % args.real])
-                engine.store.apply(VectorRecord.upsert(
-                    f"p{row}", 1, "bench", np.asarray(base[row], dtype=np.float32),
-                    attributes=shown.attributes, title=shown.title, image_uri=shown.image_uri,
-                ))
-        asyncio.run(engine.store.seal())
+        engine.build(base, fields, args.real, rows)
         engine.snapshot(workdir / "snapshots" / f"shard-{shard}", args.shards, shard)
         del engine
         gc.collect()

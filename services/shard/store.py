@@ -247,18 +247,17 @@ class ShardStore:
         """Each live product's vector as float16 bytes (b"" for one no longer held); the
         sealed ones looked up and read together."""
         out = [b""] * len(product_ids)
-        growing = [i for i, pid in enumerate(product_ids) if pid in self._growing_seqs]
-        for i in growing:
-            assert self.growing is not None
-            out[i] = self.growing.vector_of(product_ids[i]).astype(np.float16).tobytes()
-        sealed_at = [i for i, pid in enumerate(product_ids) if pid not in self._growing_seqs]
-        if self.sealed is not None and sealed_at:
-            rows = self.sealed.live_rows_of([product_ids[i] for i in sealed_at])
-            held = [(i, row) for i, row in zip(sealed_at, rows, strict=True) if row is not None]
-            if held:
-                vectors = self.sealed.vectors16(np.array([row for _, row in held]))
-                for (i, _), vector in zip(held, vectors, strict=True):
-                    out[i] = vector.tobytes()
+        sealed_rows = self._sealed_rows_of(product_ids)
+        for i, pid in enumerate(product_ids):
+            if pid in self._growing_seqs:
+                assert self.growing is not None
+                out[i] = self.growing.vector_of(pid).astype(np.float16).tobytes()
+        held = [(i, row) for i, row in enumerate(sealed_rows) if row is not None]
+        if held:
+            assert self.sealed is not None
+            vectors = self.sealed.vectors16(np.array([row for _, row in held]))
+            for (i, _), vector in zip(held, vectors, strict=True):
+                out[i] = vector.tobytes()
         return out
 
     def rebuild_lexical(self) -> None:
@@ -296,20 +295,26 @@ class ShardStore:
     def _rows_of(self, product_ids: Sequence[str]) -> list[tuple[np.ndarray, bytes] | None]:
         """(filter columns, packed fields) of each product, None for one not held."""
         out: list[tuple[np.ndarray, bytes] | None] = [None] * len(product_ids)
-        sealed_at = []
-        for i, pid in enumerate(product_ids):
+        for i, (pid, row) in enumerate(zip(product_ids, self._sealed_rows_of(product_ids),
+                                           strict=True)):
             if pid in self._growing_seqs:
                 assert self.growing is not None
                 out[i] = self.growing.codes_of(pid), self.growing.fields_of(pid)
-            else:
-                sealed_at.append(i)
-        sealed = self.sealed
-        if sealed is not None and sealed_at:
-            rows = sealed.live_rows_of([product_ids[i] for i in sealed_at])
-            for i, row in zip(sealed_at, rows, strict=True):
-                if row is not None:
-                    out[i] = sealed.codes[row], sealed.fields[row]
+            elif row is not None:
+                assert self.sealed is not None
+                out[i] = self.sealed.codes[row], self.sealed.fields[row]
         return out
+
+    def _sealed_rows_of(self, product_ids: Sequence[str]) -> list[int | None]:
+        """The live sealed row of each product outside the growing buffer, looked up
+        together (None: in the buffer, or not held)."""
+        rows: list[int | None] = [None] * len(product_ids)
+        at = [i for i, pid in enumerate(product_ids) if pid not in self._growing_seqs]
+        if self.sealed is not None and at:
+            found = self.sealed.live_rows_of([product_ids[i] for i in at])
+            for i, row in zip(at, found, strict=True):
+                rows[i] = row
+        return rows
 
     def product(self, product_id: str) -> tuple[int, bytes] | None:
         """(version, packed fields) of a live product, or None."""
