@@ -434,7 +434,13 @@ class MilvusLite(Engine):
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type="HNSW", metric_type="IP",
                         params={"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION})
-        self.client.create_index(COLLECTION, index)  # builds inline: the collection is loaded
+        from pymilvus.exceptions import MilvusException
+
+        try:  # builds inline: the collection is loaded
+            self.client.create_index(COLLECTION, index, timeout=24 * 3600)
+        except MilvusException as exc:  # pymilvus retried a slow first call that went on
+            if "index already exists" not in str(exc):
+                raise
         self.client.load_collection(COLLECTION)
         lite._wait_for_bg()
         segments = [s for s in lite._segments_snapshot() if s.num_rows]
