@@ -20,8 +20,9 @@ from pydantic import BaseModel, Field, model_validator
 
 from proto.codec import STRICT, check_schema_version, pack, unpack, validated
 
-SEARCH_SCHEMA_VERSION: Literal[2] = 2
-READABLE_SEARCH_VERSIONS = (1, 2)
+SEARCH_SCHEMA_VERSION: Literal[3] = 3
+READABLE_SEARCH_VERSIONS = (1, 2, 3)
+MAX_MODEL_ID_CHARS = 300
 MAX_K = 1000
 MAX_BATCH = 256
 MAX_FACETS = 16
@@ -31,7 +32,11 @@ Mode = Literal["dense", "lexical", "hybrid"]
 class SearchRequest(BaseModel):
     model_config = STRICT
 
-    schema_version: Literal[1, 2] = SEARCH_SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SEARCH_SCHEMA_VERSION
+    model_id: str | None = Field(
+        default=None, max_length=MAX_MODEL_ID_CHARS,
+        description="v3: the model the query vectors come from; v1, v2: none (the active)",
+    )
     queries: bytes = Field(description="float32 row-major (nq, dim)")
     nq: int = Field(ge=1, le=MAX_BATCH)
     dim: int = Field(ge=1, le=65536)
@@ -57,6 +62,7 @@ class SearchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> SearchRequest:
+        _check_model_named(self.schema_version, self.model_id)
         if len(self.queries) != self.nq * self.dim * 4:
             raise ValueError(f"queries hold {len(self.queries)} bytes, not nq*dim float32")
         if self.mode != "dense" and len(self.texts) != self.nq:
@@ -75,13 +81,15 @@ class SearchRequest(BaseModel):
         filters: dict[str, list[str]] | None = None,
         **options: object,
     ) -> SearchRequest:
-        """`options`: the version 2 fields (mode, texts, price_min, ..., with_vectors)."""
+        """`options`: model_id and the version 2 fields (mode, texts, price_min, ...,
+        with_vectors); without a model_id, a version 2 request."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2:
             raise ValueError("queries must be a 2-d array (nq, dim)")
         return cls.model_validate({
             "queries": q.tobytes(), "nq": q.shape[0], "dim": q.shape[1], "k": k,
             "budget_ms": budget_ms, "request_id": request_id, "filters": filters or {},
+            "schema_version": SEARCH_SCHEMA_VERSION if options.get("model_id") else 2,
             **options,
         })
 
@@ -104,7 +112,11 @@ class SearchResponse(BaseModel):
 
     model_config = STRICT
 
-    schema_version: Literal[1, 2] = SEARCH_SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SEARCH_SCHEMA_VERSION
+    model_id: str | None = Field(
+        default=None, max_length=MAX_MODEL_ID_CHARS,
+        description="v3: the model whose index answered; v1, v2: none",
+    )
     shard_id: int = Field(ge=0)
     ids: list[list[str]]
     scores: list[list[float]]
@@ -126,6 +138,7 @@ class SearchResponse(BaseModel):
 
     @model_validator(mode="after")
     def _aligned(self) -> SearchResponse:
+        _check_model_named(self.schema_version, self.model_id)
         shapes = [[len(row) for row in self.ids], [len(row) for row in self.scores]]
         if self.schema_version >= 2:
             shapes.append([len(row) for row in self.fields])
@@ -153,3 +166,10 @@ class SearchResponse(BaseModel):
         payload = unpack(data)
         check_schema_version(payload, READABLE_SEARCH_VERSIONS, "SearchResponse")
         return validated(cls, payload)
+
+
+def _check_model_named(version: int, model_id: str | None) -> None:
+    if version >= 3 and not model_id:
+        raise ValueError("a version 3 search names its model_id")
+    if version < 3 and model_id is not None:
+        raise ValueError(f"a version {version} search carries no model_id")

@@ -23,14 +23,15 @@ class SegmentStats(BaseModel):
     sealing: bool = False
 
 
-class ShardStats(BaseModel):
+class ModelStats(BaseModel):
+    """One served model's index on a shard."""
+
     model_config = _READ_LENIENTLY
 
-    shard_id: int = Field(ge=0)
-    num_shards: int = Field(ge=1)
     vectors: int = Field(ge=0, description="Live products this shard would return")
     ready: bool
-    partitions: list[int] = Field(description="The catalog.vectors partitions it owns")
+    vectors_topic: str = ""
+    partitions: list[int] = Field(description="The vector topic's partitions it owns")
     next_offsets: dict[int, int] = Field(default_factory=dict)
     lag: dict[int, int] = Field(default_factory=dict, description="Records behind, per partition")
     index_bytes: int = Field(default=0, ge=0)
@@ -42,6 +43,17 @@ class ShardStats(BaseModel):
         return sum(self.lag.values())
 
 
+class ShardStats(ModelStats):
+    """At the top, the active model's index (all a reader of the release before knows), with
+    `ready` the shard's own; every served model under `models`."""
+
+    shard_id: int = Field(ge=0)
+    num_shards: int = Field(ge=1)
+    active_model: str | None = None
+    models: dict[str, ModelStats] = Field(default_factory=dict)
+    total_index_bytes: int = Field(default=0, ge=0, description="All models' indexes")
+
+
 class EncoderStats(BaseModel):
     model_config = _READ_LENIENTLY
 
@@ -50,6 +62,11 @@ class EncoderStats(BaseModel):
         default_factory=dict, description="Events handled since start, by outcome"
     )
     lag: dict[int, int] = Field(default_factory=dict)
+    vectors_topic: str = ""
+    backfill_from: str | None = Field(default=None, description="a candidate's source topic")
+    backfill_lag: dict[int, int] = Field(
+        default_factory=dict, description="Source records not yet re-encoded, per partition"
+    )
 
     @property
     def handled(self) -> int:

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proto.search import MAX_MODEL_ID_CHARS
+
 
 class SearchBody(BaseModel):
     """POST /search: exactly one of `text` and `image_b64`; GET /search takes the same options
@@ -42,6 +44,10 @@ class SearchBody(BaseModel):
     )
     collapse: bool | None = Field(
         default=None, description="Show one result per picture, the others in `also`"
+    )
+    model: str | None = Field(
+        default=None, min_length=1, max_length=MAX_MODEL_ID_CHARS,
+        description="A served model's id (offline comparison, A/B); default: the active model",
     )
 
 
@@ -102,6 +108,9 @@ class SearchAnswer(BaseModel):
     )
     facet_candidates: int = Field(
         default=0, ge=0, description="How many candidates the facets counted (over all shards)"
+    )
+    model_id: str = Field(
+        default="", description="The model the query was encoded with and searched in"
     )
     took_ms: float = Field(ge=0)
 

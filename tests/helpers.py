@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,15 +45,50 @@ def search_text(router: str, text: str, k: int = 10) -> dict[str, Any]:
     return answer
 
 
-def search_image(router: str, image: Path, k: int = 10) -> dict[str, Any]:
+def search_image(router: str, image: Path, k: int = 10, **options: Any) -> dict[str, Any]:
     encoded = base64.b64encode(image.read_bytes()).decode()
-    status, answer = http_json(f"{router}/search", {"image_b64": encoded, "k": k})
+    status, answer = http_json(f"{router}/search", {"image_b64": encoded, "k": k, **options})
     assert status == 200, answer
     return answer
 
 
 def ids_of(answer: dict[str, Any]) -> list[str]:
     return [hit["product_id"] for hit in answer["results"]]
+
+
+@dataclass(frozen=True)
+class Answered:
+    status: int
+    partial: bool
+    shards_total: int
+    model_id: str
+    reason: str | None = None  # why it was partial, or the error
+
+
+@dataclass
+class Shopper:
+    """Queries the router all along (in a thread: `run`), recording what each answer said."""
+
+    router: str
+    answers: list[Answered] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        for text in itertools.cycle(["red dress", "black shoes", "blue jeans", "watch"]):
+            if self.done.is_set():
+                return
+            url = f"{self.router}/search?{urllib.parse.urlencode({'q': text, 'k': 5})}"
+            status, answer = http_json(url)
+            self.answers.append(Answered(
+                status, answer.get("partial", True),
+                answer.get("coverage", {}).get("shards_total", 0), answer.get("model_id", ""),
+                answer.get("partial_reason") or answer.get("error"),
+            ))
+            time.sleep(0.02)  # steady, and leaves the 2 cores to the work under test
+
+    def served_throughout(self) -> bool:
+        return bool(self.answers) and all(a.status == 200 and not a.partial
+                                          for a in self.answers)
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -113,8 +151,10 @@ class DeadLetterReader:
 # auditing shard content against the events (tests/shard/test_crash.py, tests/e2e/test_reshard.py)
 
 
-def content(shard_url: str) -> dict[str, int]:
-    with urllib.request.urlopen(f"{shard_url}/content", timeout=30) as response:
+def content(shard_url: str, model_id: str | None = None) -> dict[str, int]:
+    """Every live product id -> version a shard holds (of one model; default the active)."""
+    query = f"?{urllib.parse.urlencode({'model': model_id})}" if model_id else ""
+    with urllib.request.urlopen(f"{shard_url}/content{query}", timeout=30) as response:
         return msgpack.unpackb(response.read())  # type: ignore[no-any-return]
 
 

@@ -34,10 +34,13 @@ class TopicSpec:
 
 
 def vitrine_topics(
-    events: str, vectors: str, dlq: str, event_partitions: int, vector_partitions: int
+    events: str, vectors: str, dlq: str, event_partitions: int, vector_partitions: int,
+    models: str,
 ) -> list[TopicSpec]:
-    """The three topics with their real partition counts and retention policies."""
+    """The topics with their real partition counts and retention policies (a candidate
+    model's own vector topic is made when it is added: `vitrine.registry`)."""
     return [
+        TopicSpec(models, 1, {"cleanup.policy": "compact"}),
         TopicSpec(events, event_partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
         TopicSpec(vectors, vector_partitions, {"cleanup.policy": "compact"}),
         TopicSpec(dlq, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
@@ -203,15 +206,23 @@ class LagTracker:
     """Refreshes a per-partition lag gauge at most every `interval_s`, from the consumer's
     own thread, so the loop that owns the consumer pays for it only now and then."""
 
-    def __init__(self, consumer: AsyncConsumer, gauge: Gauge, interval_s: float = 5.0) -> None:
+    def __init__(
+        self, consumer: AsyncConsumer, gauge: Gauge, interval_s: float = 5.0,
+        labels: tuple[str, ...] = (),
+    ) -> None:
+        """`labels`: the gauge's label values before the partition's."""
         self._consumer = consumer
         self._gauge = gauge
+        self._labels = labels
         self._interval_s = interval_s
         self._last = -interval_s
         self.lags: dict[int, int] = {}
 
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self._interval_s
+
     async def maybe_refresh(self, partitions: list[TopicPartition] | None = None) -> None:
-        if time.monotonic() - self._last < self._interval_s:
+        if not self.due():
             return
         self._last = time.monotonic()
         kafka = self._consumer.consumer
@@ -224,4 +235,4 @@ class LagTracker:
             log.warning("lag refresh failed", error=str(exc))
             return
         for partition, lag in self.lags.items():
-            self._gauge.labels(str(partition)).set(lag)
+            self._gauge.labels(*self._labels, str(partition)).set(lag)

@@ -31,6 +31,9 @@ class CommonSettings(BaseSettings):
     events_topic: str = "catalog.events"
     vectors_topic: str = "catalog.vectors"
     dlq_topic: str = "catalog.events.dlq"
+    models_topic: str = Field(
+        default="catalog.models", description="the model registry: which models are served"
+    )
     event_partitions: int = Field(default=4, ge=1)
     vector_partitions: int = Field(
         default=8, ge=1, description="P of catalog.vectors; caps how many shards can own data"
@@ -89,7 +92,7 @@ class CommonSettings(BaseSettings):
     def topics(self) -> list[TopicSpec]:
         return vitrine_topics(
             self.events_topic, self.vectors_topic, self.dlq_topic,
-            self.event_partitions, self.vector_partitions,
+            self.event_partitions, self.vector_partitions, self.models_topic,
         )
 
     def model_spec(self) -> ModelSpec:

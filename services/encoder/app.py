@@ -40,8 +40,11 @@ async def create_app(settings: EncoderSettings) -> web.Application:
 async def stats(request: web.Request) -> web.Response:
     """Events handled since start, by outcome: for `vitrine` commands and operators."""
     worker = request.app[WORKER]
+    settings = request.app[SETTINGS]
     answer = EncoderStats(
-        model_id=request.app[MODEL].model_id, events=dict(worker.totals), lag=worker.lag.lags
+        model_id=request.app[MODEL].model_id, events=dict(worker.totals), lag=worker.lag.lags,
+        vectors_topic=settings.vectors_topic, backfill_from=settings.backfill_from,
+        backfill_lag=worker.backfill_lag.lags if worker.backfill_lag else {},
     )
     return web.json_response(answer.model_dump(mode="json"))
 
@@ -84,6 +87,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         max_record_bytes=settings.max_message_bytes,
         max_original_bytes=settings.dead_letter_max_bytes,
         vector_dtype=settings.vector_dtype,
+        backfill_topic=settings.backfill_from,
     )
     transform = EventTransform(
         fetch=app[FETCHER].fetch,

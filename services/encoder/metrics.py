@@ -32,8 +32,10 @@ class EncoderMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry,
         )
         self.lag = Gauge(
-            "vitrine_encoder_lag_messages", "Events not yet consumed, per catalog.events partition",
-            ["partition"], registry=registry,
+            "vitrine_encoder_lag_messages",
+            "Messages not yet consumed, per source topic (the events; a candidate's backfill "
+            "source) and partition",
+            ["topic", "partition"], registry=registry,
         )
         self.batch_seconds = Histogram(
             "vitrine_encoder_batch_duration_seconds", "Consume-to-commit time of a batch",

@@ -108,14 +108,34 @@ def dead_letter(
     )
 
 
-def parse_event(raw: RawEvent) -> CatalogEvent:
-    event = CatalogEvent.from_wire(raw.value)
+def parse_event(raw: RawEvent, backfill_topic: str | None = None) -> CatalogEvent:
+    """A catalog event, or (from `backfill_topic`) the event a vector record stands for."""
+    event = CatalogEvent.from_wire(raw.value) if raw.topic != backfill_topic \
+        else event_of_record(VectorRecord.from_wire(raw.value))
     if raw.key is not None and raw.key != event.product_id.encode():
         raise InvalidMessage(
             f"message key {raw.key[:200]!r} differs from product_id {event.product_id!r} "
             "(events must be keyed by product_id to keep per-product order)"
         )
     return event
+
+
+def event_of_record(record: VectorRecord) -> CatalogEvent:
+    """The catalog event a product's vector record was encoded from: its fields are all a
+    new model needs, so a candidate backfills from the log, never from a side store. The
+    version stays the product's, so a live event newer than it wins on every shard."""
+    if record.op == "delete":
+        return CatalogEvent(op="delete", product_id=record.product_id, version=record.version)
+    if not record.image_uri:
+        raise InvalidMessage(
+            f"the vector record of {record.product_id!r} (version {record.version}) carries no "
+            "image_uri (written before schema 2): its next catalog event will encode it"
+        )
+    return CatalogEvent(
+        op="upsert", product_id=record.product_id, version=record.version,
+        image_uri=record.image_uri, title=record.title, attributes=dict(record.attributes),
+        price=record.price, in_stock=record.in_stock,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,7 @@ class TransformLimits:
     max_record_bytes: int  # the producer's message.max.bytes: larger records are refused here
     max_original_bytes: int = MAX_ORIGINAL_BYTES
     vector_dtype: Literal["f16", "f32"] = "f16"
+    backfill_topic: str | None = None  # read as the events its vector records stand for
 
 
 @dataclass(frozen=True)
@@ -159,7 +180,7 @@ class EventTransform:
         for raw in batch:
             try:
                 with stage("decode"):
-                    event = parse_event(raw)
+                    event = parse_event(raw, self._limits.backfill_topic)
                 if event.op == "delete":
                     out.published.append(self._tombstone(raw, event))
                 else:

@@ -12,6 +12,10 @@ from vitrine.settings import CommonSettings
 class EncoderSettings(CommonSettings):
     encoder_port: int = Field(default=8090, ge=0, le=65535, description="health, metrics")
     group_id: str = "vitrine-encoder"
+    backfill_from: str | None = Field(
+        default=None, description="a candidate model's encoder: the vector topic of the model "
+        "it follows, re-encoded from the products' fields beside the live events",
+    )
     batch_size: int = Field(default=32, ge=1, le=1024)
     batch_timeout_ms: int = Field(default=200, ge=1, description="flush a partial batch after")
     fetch_concurrency: int = Field(default=16, ge=1)

@@ -83,7 +83,9 @@ class EncoderWorker:
         self._backoff_s = 0.0
         self._rewound = False
         self.totals: Counter[str] = Counter()  # outcome -> events, for /stats
-        self.lag = LagTracker(consumer, metrics.lag)
+        self.lag = LagTracker(consumer, metrics.lag, labels=(settings.events_topic,))
+        self.backfill_lag = LagTracker(consumer, metrics.lag, labels=(settings.backfill_from,)) \
+            if settings.backfill_from else None
 
     def stalled(self) -> str | None:
         """The liveness check: a batch that never ends is a hang, and a restart the cure."""
@@ -96,18 +98,30 @@ class EncoderWorker:
 
     async def run(self) -> None:
         kafka = self._consumer.consumer
-        await self._consumer.call(kafka.subscribe, [self._s.events_topic])
+        sources = [self._s.events_topic, *([self._s.backfill_from] if self._s.backfill_from
+                                           else [])]
+        await self._consumer.call(kafka.subscribe, sources)
         while True:
             messages = await self._consumer.next_batch(
                 self._s.batch_size, self._s.batch_timeout_ms / 1000
             )
-            await self.lag.maybe_refresh()
+            await self._refresh_lags()
             batch = [_raw(m) for m in messages if not _is_error(m)]
             if batch:
                 await self.handle(batch)
             if self._rewound:  # the world failed us: wait before the next go (not a stall)
                 self._rewound = False
                 await asyncio.sleep(self._backoff_s)
+
+    async def _refresh_lags(self) -> None:
+        trackers = [(self.lag, self._s.events_topic)]
+        if self.backfill_lag is not None and self._s.backfill_from:
+            trackers.append((self.backfill_lag, self._s.backfill_from))
+        if not any(tracker.due() for tracker, _ in trackers):
+            return
+        assigned = await self._consumer.call(self._consumer.consumer.assignment)
+        for tracker, topic in trackers:
+            await tracker.maybe_refresh([tp for tp in assigned if tp.topic == topic])
 
     async def handle(self, batch: Sequence[RawEvent]) -> None:
         self._busy_since = time.monotonic()

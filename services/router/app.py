@@ -3,7 +3,6 @@ core (services/router/search.py) and encode its typed answer; the rest is lifecy
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -12,20 +11,27 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from services.router.encoding import QueryEncoder
 from services.router.fleet import FLEETS, FleetSwitch, add_fleet_routes
 from services.router.metrics import EncodingMetrics, RouterMetrics
+from services.router.models import MODEL_HEADER, RouterModels
 from services.router.openapi import openapi_document
 from services.router.products import ProductLookup
-from services.router.query import Query, budget_ms, query_from_body, query_from_params
+from services.router.query import (
+    Query,
+    budget_ms,
+    query_from_body,
+    query_from_params,
+    with_model_header,
+)
 from services.router.search import SearchCore
 from services.router.settings import RouterSettings
 from services.router.storefront import PRODUCT_IMAGES, ProductImages, add_storefront_routes
 from vitrine.fetch import ImageFetcher, make_session
-from vitrine.model import DualEncoder, load_dual_encoder
+from vitrine.registry import RegistryFollower
 from vitrine.service import (
     READINESS,
     REGISTRY,
+    background,
     base_app,
     limit_compute_threads,
     request_id,
@@ -35,10 +41,9 @@ from vitrine.service import (
 log = structlog.get_logger()
 
 SETTINGS = web.AppKey("settings", RouterSettings)
-MODEL = web.AppKey("model", DualEncoder)
 SHARDS = web.AppKey("shards", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
-QUERY_ENCODER = web.AppKey("query_encoder", QueryEncoder)
+MODELS = web.AppKey("models", RouterModels)
 SEARCH = web.AppKey("search", SearchCore)
 OPENAPI = web.AppKey("openapi", dict)
 
@@ -49,7 +54,7 @@ async def create_app(settings: RouterSettings) -> web.Application:
     app[METRICS] = RouterMetrics(app[REGISTRY])
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     add_fleet_routes(app, FleetSwitch(settings.shard_urls, settings.replica_policy()), token)
-    app.cleanup_ctx.extend([_model, _query_encoder, _shard_session, _search_core, _image_session])
+    app.cleanup_ctx.extend([_models, _shard_session, _search_core, _image_session, _canary])
     app.router.add_get("/search", search_get)
     app.router.add_post("/search", search_post)
     app[OPENAPI] = openapi_document(settings, service_version())
@@ -76,32 +81,22 @@ async def search_post(request: web.Request) -> web.Response:
 
 async def _answered(request: web.Request, query: Query, started: float) -> web.Response:
     budget = budget_ms(request, request.app[SETTINGS])
+    query = with_model_header(query, request.headers.get(MODEL_HEADER))
     answer = await request.app[SEARCH].answer(query, budget, request_id(request), started)
     return web.Response(body=answer.model_dump_json().encode(), content_type="application/json")
 
 
-async def _model(app: web.Application) -> AsyncIterator[None]:
-    model = await asyncio.to_thread(
-        load_dual_encoder, app[SETTINGS].model_spec(), precision=app[SETTINGS].model_precision,
-        text_runtime=app[SETTINGS].text_runtime, compute_threads=app[SETTINGS].compute_threads,
-    )
-    limit_compute_threads(app[SETTINGS].compute_threads)
-    await asyncio.to_thread(model.warm_up)  # text and image queries: no cold first call
-    app[MODEL] = model
-    app[READINESS].set_ready()
-    log.info("model loaded", model_id=model.model_id)
-    yield
-
-
-async def _query_encoder(app: web.Application) -> AsyncIterator[None]:
-    """Text query encoding, with the shared query-vector cache in Redis where one is set:
-    only ever an optimisation (services/router/encoding.py)."""
+async def _models(app: web.Application) -> AsyncIterator[None]:
+    """Every model the registry serves, each with its query encoder and the shared
+    query-vector cache in Redis where one is set (only ever an optimisation)."""
     settings = app[SETTINGS]
+    limit_compute_threads(settings.compute_threads)
     client = aioredis.from_url(settings.redis_url) if settings.redis_url else None
-    encoder = QueryEncoder(app[MODEL], client, settings, EncodingMetrics(app[REGISTRY]))
-    app[QUERY_ENCODER] = encoder
-    yield
-    await encoder.aclose()
+    models = RouterModels(settings, client, EncodingMetrics(app[REGISTRY]), app[READINESS])
+    app[MODELS] = models
+    async with background(app, RegistryFollower(settings, models.apply).run(), "model registry"):
+        yield
+    await models.aclose()
     if client is not None:
         await client.aclose()
 
@@ -115,7 +110,7 @@ async def _shard_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _search_core(app: web.Application) -> AsyncIterator[None]:
     app[SEARCH] = SearchCore(
-        app[QUERY_ENCODER], app[SHARDS], app[FLEETS], app[METRICS], app[SETTINGS]
+        app[MODELS], app[SHARDS], app[FLEETS], app[METRICS], app[SETTINGS]
     )
     yield
 
@@ -129,4 +124,14 @@ async def _image_session(app: web.Application) -> AsyncIterator[None]:
     )
     async with make_session(policy) as session:
         app[PRODUCT_IMAGES] = ProductImages(products, ImageFetcher(policy, session))
+        yield
+
+
+async def _canary(app: web.Application) -> AsyncIterator[None]:
+    """Which candidates may take the canary share: only with a share set."""
+    if not app[SETTINGS].canary_share:
+        yield
+        return
+    watch = app[MODELS].watch_coverage(app[FLEETS], app[SHARDS])
+    async with background(app, watch, "canary coverage"):
         yield

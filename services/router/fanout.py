@@ -180,7 +180,11 @@ async def _ask(call: _Call, url: str) -> SearchResponse:
         payload = await resp.read()
         if resp.status != 200:
             raise ShardUnavailable(f"HTTP {resp.status}: {payload[:200].decode(errors='replace')}")
-        return SearchResponse.from_wire(payload)
+        answer = SearchResponse.from_wire(payload)
+        if answer.model_id != call.queries.model_id:  # never merge another model's hits
+            raise ShardUnavailable(f"answered from model {answer.model_id!r}, "
+                                   f"asked for {call.queries.model_id!r}")
+        return answer
 
 
 class ShardUnavailable(Exception):

@@ -18,8 +18,9 @@ class RouterMetrics:
             ["shard"], buckets=_STAGE_BUCKETS, registry=registry,
         )
         self.queries = Counter(
-            "vitrine_router_queries_total", "Queries answered, by kind and completeness",
-            ["kind", "complete"], registry=registry,
+            "vitrine_router_queries_total",
+            "Queries answered, by kind, completeness and the model that answered",
+            ["kind", "complete", "model"], registry=registry,
         )
         self.shard_failures = Counter(
             "vitrine_router_shard_failures_total", "Shards missing from an answer",

@@ -12,7 +12,9 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from proto.search import MAX_MODEL_ID_CHARS
 from proto.storefront import ApiError, SearchAnswer, SearchBody
+from services.router.models import MODEL_HEADER
 from services.router.query import BODY_FIELDS, BUDGET_HEADER, SEARCH_PARAMS
 from services.router.settings import RouterSettings
 from vitrine.images import CONTENT_TYPES
@@ -78,6 +80,8 @@ def _search_get(settings: RouterSettings) -> dict[str, Any]:
                    {"type": "string"}),
         "collapse": (f"One result per picture (default {str(settings.collapse).lower()})",
                      False, {"type": "string", "enum": ["true", "false"]}),
+        "model": ("A served model's id (also the X-Vitrine-Model header); default: the active",
+                  False, {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_ID_CHARS}),
     }
     assert set(described) == set(SEARCH_PARAMS), "the document and the parser agree"
     parameters = [
@@ -130,6 +134,9 @@ def _headers() -> list[dict[str, Any]]:
     return [
         {"name": BUDGET_HEADER, "in": "header", "required": False,
          "schema": {"type": "number", "exclusiveMinimum": 0}},
+        {"name": MODEL_HEADER, "in": "header", "required": False,
+         "description": "A served model's id; default: the active model",
+         "schema": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_ID_CHARS}},
         {"name": REQUEST_ID_HEADER, "in": "header", "required": False,
          "description": "Kept if a printable ASCII token of at most 64 characters",
          "schema": {"type": "string"}},
@@ -142,6 +149,8 @@ def _search_responses() -> dict[str, Any]:
                 "content": {"application/json": {
                     "schema": {"$ref": REF.format(model="SearchAnswer")}}}},
         "400": _error("A query the router will not run, and why"),
+        "404": _error("The query names a model that is not served"),
+        "503": _error("The named model is still loading here, or no shard replica answered"),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -18,7 +19,7 @@ from multidict import MultiMapping
 from PIL import Image
 
 from proto.catalog import MAX_PRICE
-from proto.search import MAX_FACETS, Mode
+from proto.search import MAX_FACETS, MAX_MODEL_ID_CHARS, Mode
 from services.router.settings import RouterSettings
 from vitrine.errors import ImageRejected, InvalidQuery
 from vitrine.images import decode_image
@@ -44,6 +45,7 @@ class Query:
     in_stock: bool | None = None
     facets: list[str] = field(default_factory=list)
     collapse: bool = True
+    model: str | None = None  # None: the active model
 
     @property
     def kind(self) -> str:
@@ -51,7 +53,8 @@ class Query:
 
 
 # GET /search takes these and the filter fields; POST /search the body fields
-OPTIONS = ("mode", "offset", "price_min", "price_max", "in_stock", "facets", "collapse")
+OPTIONS = ("mode", "offset", "price_min", "price_max", "in_stock", "facets", "collapse",
+           "model")
 SEARCH_PARAMS = ("q", "k", "budget_ms", *OPTIONS)
 BODY_FIELDS = ("text", "image_b64", "k", "filters", *OPTIONS)
 
@@ -114,7 +117,7 @@ def _query(
     A JSON body says numbers and booleans as JSON does: "12" and "true" are refused there."""
     if not from_url:
         for name, value in options.items():
-            if name != "mode" and name != "facets" and isinstance(value, str):
+            if name not in ("mode", "facets", "model") and isinstance(value, str):
                 raise InvalidQuery(f"{name} must be a JSON number or boolean, not a string")
     mode = _mode(options.get("mode"), text is not None, settings)
     price_min = _price(options.get("price_min"), "price_min")
@@ -128,7 +131,28 @@ def _query(
         in_stock=_flag(options.get("in_stock"), "in_stock"),
         facets=_facets(options.get("facets"), settings),
         collapse=bool(_flag(options.get("collapse"), "collapse", default=settings.collapse)),
+        model=_model(options.get("model")),
     )
+
+
+def _model(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not 1 <= len(raw) <= MAX_MODEL_ID_CHARS:
+        raise InvalidQuery(f"model must be a model id of 1-{MAX_MODEL_ID_CHARS} characters, "
+                           f"got {_shown(raw)}")
+    return raw
+
+
+def with_model_header(query: Query, header: str | None) -> Query:
+    """The model the `X-Vitrine-Model` header names, unless the query names one already."""
+    if header is None:
+        return query
+    named = _model(header)
+    if query.model is not None and query.model != named:
+        raise InvalidQuery(f"the model parameter {_shown(query.model)} and the model header "
+                           f"{_shown(named)} disagree")
+    return dataclasses.replace(query, model=named)
 
 
 def _mode(raw: Any, is_text: bool, settings: RouterSettings) -> Mode:

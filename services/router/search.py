@@ -27,6 +27,7 @@ from services.router.fanout import fan_out
 from services.router.fleet import FleetSwitch
 from services.router.merge import Merged, merge_topk
 from services.router.metrics import RouterMetrics
+from services.router.models import RouterModels
 from services.router.query import Query
 from services.router.settings import RouterSettings
 from vitrine.errors import InvalidMessage, InvalidQuery
@@ -41,13 +42,13 @@ class SearchCore:
 
     def __init__(
         self,
-        encoder: QueryEncoder,
+        models: RouterModels,
         shards: aiohttp.ClientSession,
         fleets: FleetSwitch,
         metrics: RouterMetrics,
         settings: RouterSettings,
     ) -> None:
-        self._encoder = encoder
+        self._models = models
         self._shards = shards
         self._fleets = fleets
         self._metrics = metrics
@@ -60,26 +61,31 @@ class SearchCore:
         instant) and the shards get what is left."""
         metrics = self._metrics
         deadline = started + budget_ms / 1000
+        encoder = self._models.encoder_for(query.model)
+        model_id = encoder.model.model_id
         with metrics.stage_seconds.labels("encode").time():
-            vector = await self._encode(query)
+            vector = await self._encode(query, encoder)
         encoded = time.monotonic()
         fleet = self._fleets.current  # one fleet per answer: a re-shard never splits a query
         sizes = fleet.sizes
         if encoded >= deadline:  # nothing left to give the shards: say whose time it was
             metrics.encode_overruns.inc()
-            metrics.queries.labels(query.kind, "false").inc()
+            metrics.queries.labels(query.kind, "false", model_id).inc()
             spent = (encoded - started) * 1000
             reason = (f"query encoding took {spent:.0f} ms of the {budget_ms:g} ms budget: "
                       "no time was left to ask the shards")
             return SearchAnswer(
                 results=[], partial=True, missing_shards=[], partial_reason=reason,
                 coverage=coverage(0, fleet.num_shards, 0, sizes), mode=query.mode,
-                offset=query.offset, next_offset=None, took_ms=round(spent, 3),
+                offset=query.offset, next_offset=None, model_id=model_id,
+                took_ms=round(spent, 3),
             )
         depth = query.offset + query.k
         # one more than the page: whether a next page exists
         fetch = min(MAX_K, depth * COLLAPSE_FETCH if query.collapse else depth + 1)
-        shard_query = self._shard_request(query, vector, fetch, deadline - encoded, request_id)
+        shard_query = self._shard_request(
+            query, vector, fetch, deadline - encoded, request_id, model_id
+        )
         with metrics.stage_seconds.labels("fanout").time():
             fanned = await fan_out(self._shards, fleet.replicas, shard_query, deadline, metrics)
         with metrics.stage_seconds.labels("merge").time():
@@ -92,7 +98,7 @@ class SearchCore:
         sizes.update({r.shard_id: r.searched for r in fanned.responses})
         searched = sum(r.searched for r in fanned.responses)
         partial = bool(fanned.missing)
-        metrics.queries.labels(query.kind, str(not partial).lower()).inc()
+        metrics.queries.labels(query.kind, str(not partial).lower(), model_id).inc()
         return SearchAnswer(
             results=page,
             partial=partial,
@@ -107,15 +113,17 @@ class SearchCore:
             else None,
             facets=merge_facets(fanned.responses) if query.facets else {},
             facet_candidates=sum(sum(r.facet_candidates) for r in fanned.responses),
+            model_id=model_id,
             took_ms=round((time.monotonic() - started) * 1000, 3),
         )
 
     def _shard_request(
-        self, query: Query, vector: np.ndarray, fetch: int, left_s: float, request_id: str
+        self, query: Query, vector: np.ndarray, fetch: int, left_s: float, request_id: str,
+        model_id: str,
     ) -> SearchRequest:
         return SearchRequest.build(
             vector, fetch, left_s * 1000, request_id, query.filters,
-            mode=query.mode,
+            model_id=model_id, mode=query.mode,
             texts=[query.text] if query.mode != "dense" and query.text is not None else [],
             price_min=query.price_min, price_max=query.price_max, in_stock=query.in_stock,
             facets=query.facets,
@@ -123,10 +131,10 @@ class SearchCore:
             with_vectors=query.collapse,
         )
 
-    async def _encode(self, query: Query) -> np.ndarray:
+    @staticmethod
+    async def _encode(query: Query, encoder: QueryEncoder) -> np.ndarray:
         """The query as a (1, dim) matrix: text through the cache and batcher, images
         directly; a lexical query needs no vector (the shards ignore it)."""
-        encoder = self._encoder
         if query.mode == "lexical":
             return np.zeros((1, encoder.model.dim), dtype=np.float32)
         if query.text is not None:

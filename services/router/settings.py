@@ -97,6 +97,15 @@ class RouterSettings(CommonSettings):
         "none; while it runs, queries queue for its next pass anyway)",
     )
     encode_batch_max: int = Field(default=32, ge=1, description="texts per text-tower pass")
+    # models side by side (services/router/models.py)
+    canary_share: float = Field(
+        default=0.0, ge=0, le=1,
+        description="share of queries naming no model sent to a candidate once its indexes "
+        "cover the catalog (0: none)",
+    )
+    canary_check_s: float = Field(
+        default=5.0, gt=0, description="how often the shards' coverage of candidates is read"
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="bearer token of /admin/fleet (re-sharding); unset: 403"
     )

@@ -6,18 +6,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class ShardMetrics:
     def __init__(self, registry: CollectorRegistry, shard_id: int) -> None:
         self.vectors = Gauge(
-            "vitrine_shard_vectors", "Live vectors held by this shard", registry=registry
+            "vitrine_shard_vectors", "Live vectors held by this shard, per model", ["model"],
+            registry=registry
         )
         self.records = Counter(
-            "vitrine_shard_records_total", "Vector records consumed, by outcome", ["outcome"],
+            "vitrine_shard_records_total", "Vector records consumed, per model and outcome",
+            ["model", "outcome"],
             registry=registry,
         )
         self.index_bytes = Gauge(
-            "vitrine_shard_index_bytes", "Memory held by the vector index", registry=registry
+            "vitrine_shard_index_bytes", "Memory held by each model's vector index", ["model"],
+            registry=registry
         )
         self.lag = Gauge(
             "vitrine_shard_lag_messages", "Vector records not yet applied, per owned partition",
-            ["partition"], registry=registry,
+            ["model", "partition"], registry=registry,
         )
         self.freshness_seconds = Histogram(
             "vitrine_shard_freshness_seconds",
@@ -46,7 +49,7 @@ class ShardMetrics:
         )
         self.segment_rows = Gauge(
             "vitrine_shard_segment_rows", "Rows per segment (sealed rows include dead ones)",
-            ["segment"], registry=registry,
+            ["model", "segment"], registry=registry,
         )
         self.batch_queries = Histogram(
             "vitrine_shard_search_batch_queries", "Queries per index call",

@@ -1,4 +1,5 @@
-"""Keeps a shard's store in step with the partitions of catalog.vectors it owns.
+"""Keeps one model's store on a shard in step with the partitions of its vector topic that the
+shard owns (`services/shard/models.py` runs one per served model).
 
 Explicit assignment, not a consumer group: ownership is p % S == s, fixed by settings, so a
 shard never waits on a rebalance. "Caught up" is the first end-of-partition event on every
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
+from proto.models import ModelEntry
 from proto.vectors import VectorRecord
 from services.shard.metrics import ShardMetrics
 from services.shard.settings import ShardSettings
@@ -35,8 +38,14 @@ class VectorReplicator:
         store: ShardStore,
         readiness: Readiness,
         metrics: ShardMetrics,
+        model: ModelEntry,
+        snapshot_dir: Path | None,
     ) -> None:
+        """`snapshot_dir`: this model's own (None: no snapshots)."""
         self._s = settings
+        self.model = model
+        self.topic = model.vectors_topic
+        self._snapshot_dir = snapshot_dir
         self._consumer = consumer
         self._store = store
         self._readiness = readiness
@@ -45,7 +54,7 @@ class VectorReplicator:
             settings.shard_id, settings.num_shards, settings.vector_partitions
         )
         self.next_offsets: dict[int, int] = {}
-        self.lag = LagTracker(consumer, metrics.lag)
+        self.lag = LagTracker(consumer, metrics.lag, labels=(model.model_id,))
         self.restored_from: str | None = None
         self._changed_since_snapshot = False
         self._last_snapshot = time.monotonic()
@@ -55,11 +64,11 @@ class VectorReplicator:
         kafka = self._consumer.consumer
         await self._restore()
         assignment = [
-            TopicPartition(self._s.vectors_topic, p, self.next_offsets.get(p, OFFSET_BEGINNING))
+            TopicPartition(self.topic, p, self.next_offsets.get(p, OFFSET_BEGINNING))
             for p in self.partitions
         ]
         await self._consumer.call(kafka.assign, assignment)
-        owned = [TopicPartition(self._s.vectors_topic, p) for p in self.partitions]
+        owned = [TopicPartition(self.topic, p) for p in self.partitions]
         self._readiness.set_not_ready(f"catching up on partitions {self.partitions}")
         not_caught_up = set(self.partitions)
         while True:
@@ -76,12 +85,14 @@ class VectorReplicator:
                 self._store.lexical.refresh()
             elif not not_caught_up:  # a catch-up commits once, at its end, not per batch
                 self._store.lexical.refresh(force=True)
-                log.info("caught up", vectors=len(self._store), partitions=self.partitions)
+                log.info("caught up", model_id=self.model.model_id, vectors=len(self._store),
+                         partitions=self.partitions)
                 self._readiness.set_ready()
-            self._metrics.vectors.set(len(self._store))
-            self._metrics.index_bytes.set(self._store.nbytes())
-            self._metrics.segment_rows.labels("growing").set(len(self._store.growing or ()))
-            self._metrics.segment_rows.labels("sealed").set(len(self._store.sealed or ()))
+            model, store = self.model.model_id, self._store
+            self._metrics.vectors.labels(model).set(len(store))
+            self._metrics.index_bytes.labels(model).set(store.nbytes())
+            self._metrics.segment_rows.labels(model, "growing").set(len(store.growing or ()))
+            self._metrics.segment_rows.labels(model, "sealed").set(len(store.sealed or ()))
             if self._store.wants_seal():
                 self._seal_task = asyncio.create_task(self._seal())
             await self.lag.maybe_refresh(owned)
@@ -91,10 +102,10 @@ class VectorReplicator:
     async def _restore(self) -> None:
         """Start from the newest valid snapshot unless the log no longer has its offsets
         (a new or emptied cluster): then rebuild from the start rather than serve stale data."""
-        if self._s.snapshot_dir is None:
+        if self._snapshot_dir is None:
             return
         found = await asyncio.to_thread(
-            load_latest, self._s.snapshot_dir, self._s.vectors_topic,
+            load_latest, self._snapshot_dir, self.topic,
             self._s.num_shards, self._s.shard_id, self._s.index_spec(),
         )
         if found is None:
@@ -149,22 +160,22 @@ class VectorReplicator:
         kafka = self._consumer.consumer
         ends = {}
         for p in self.partitions:
-            tp = TopicPartition(self._s.vectors_topic, p)
+            tp = TopicPartition(self.topic, p)
             ends[p] = kafka.get_watermark_offsets(tp, timeout=5.0, cached=False)[1]
         return ends
 
     async def snapshot(self) -> None:
         """Write a consistent cut now (content and offsets copied together on this loop)."""
         self._last_snapshot = time.monotonic()
-        if self._s.snapshot_dir is None or not self._changed_since_snapshot:
+        if self._snapshot_dir is None or not self._changed_since_snapshot:
             return
         cut = Snapshot(
             state=self._store.export(), next_offsets=dict(self.next_offsets),
-            topic=self._s.vectors_topic, num_shards=self._s.num_shards, shard_id=self._s.shard_id,
+            topic=self.topic, num_shards=self._s.num_shards, shard_id=self._s.shard_id,
         )
         self._changed_since_snapshot = False
         path = await asyncio.to_thread(
-            write_snapshot, self._s.snapshot_dir, cut, self._s.snapshot_keep
+            write_snapshot, self._snapshot_dir, cut, self._s.snapshot_keep
         )
         log.info("snapshot written", path=str(path), vectors=len(self._store))
 
@@ -174,6 +185,9 @@ class VectorReplicator:
         self._changed_since_snapshot = True
         try:
             record = VectorRecord.from_wire(message.value() or b"")
+            if record.model_id != self.model.model_id:  # never one index for two models
+                raise InvalidMessage(f"a vector of model {record.model_id[:300]!r} on the topic "
+                                     f"of model {self.model.model_id!r}")
             applied = self._store.apply(record)
             outcome = "applied" if applied else "stale"
             if applied and record.event_time_ms:
@@ -184,6 +198,6 @@ class VectorReplicator:
             outcome = "rejected"
             log.warning(
                 "rejected vector record", reason=str(exc),
-                partition=partition, offset=offset,
+                partition=partition, offset=offset, model_id=self.model.model_id,
             )
-        self._metrics.records.labels(outcome).inc()
+        self._metrics.records.labels(self.model.model_id, outcome).inc()

@@ -76,11 +76,13 @@ class ShardSettings(CommonSettings):
             gpu=gpu_available() if self.use_gpu is None else self.use_gpu,
         )
 
-    def new_store(self) -> ShardStore:
+    def new_store(self, snapshot_dir: Path | None = None) -> ShardStore:
+        """`snapshot_dir`: where this store's snapshots go (unset: the settings')."""
+        directory = snapshot_dir or self.snapshot_dir
         return ShardStore(
             self.index_spec(), self.filter_fields, self.seal_threshold,
             self.rebuild_dead_ratio, self.use_gpu, self.lexical_match == "all",
-            self.snapshot_dir / "lexical" if self.snapshot_dir is not None else None,
+            directory / "lexical" if directory is not None else None,
         )
 
     @model_validator(mode="after")

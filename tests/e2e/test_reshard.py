@@ -11,7 +11,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 from proto.catalog import CatalogEvent
 from tests.conftest import stage_image
 from tests.helpers import (
+    Shopper,
     assert_shards_show_latest_fields,
     content,
     eventually,
@@ -85,25 +85,6 @@ def publish(stack: LocalStack, events: list[CatalogEvent]) -> None:
     publisher.flush()
 
 
-@dataclass
-class Shopper:
-    """Queries the router all along, recording what each answer said."""
-
-    router: str
-    answers: list[tuple[int, bool, int]] = field(default_factory=list)  # status, partial, total
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        for text in itertools.cycle(["red dress", "black shoes", "blue jeans", "watch"]):
-            if self.done.is_set():
-                return
-            url = f"{self.router}/search?{urllib.parse.urlencode({'q': text, 'k': 5})}"
-            status, answer = http_json(url)
-            total = answer.get("coverage", {}).get("shards_total", 0)
-            self.answers.append((status, answer.get("partial", True), total))
-            time.sleep(0.02)  # steady, and leaves the 2 cores to the shards catching up
-
-
 def reshard_under_load(stack: LocalStack, shards: int, during: list[CatalogEvent]) -> str:
     """`vitrine reshard N` against the running stack, with a shopper and a feeder going."""
     shopper = Shopper(stack.router_url)
@@ -125,10 +106,8 @@ def reshard_under_load(stack: LocalStack, shards: int, during: list[CatalogEvent
             thread.join()
     assert result.exit_code == 0, result.output
     assert len(shopper.answers) >= 5, "the shopper should have been served all along"
-    assert all(status == 200 and not partial for status, partial, _ in shopper.answers), (
-        shopper.answers
-    )
-    totals = [total for _, _, total in shopper.answers]
+    assert shopper.served_throughout(), shopper.answers
+    totals = [a.shards_total for a in shopper.answers]
     assert totals == sorted(totals) and totals[-1] == shards, "old fleet, then the new one"
     return result.output
 

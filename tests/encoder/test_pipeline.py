@@ -57,10 +57,12 @@ class Model:
         return rows
 
 
-def transform(model: Model, max_record_bytes: int = 1_000_000) -> EventTransform:
+def transform(model: Model, max_record_bytes: int = 1_000_000, model_id: str = "m@1",
+              backfill_topic: str | None = None) -> EventTransform:
     limits = TransformLimits(max_pixels=10_000, fetch_concurrency=4,
-                             max_record_bytes=max_record_bytes, vector_dtype="f32")
-    return EventTransform(fetch, preprocess, model, "m@1", limits)
+                             max_record_bytes=max_record_bytes, vector_dtype="f32",
+                             backfill_topic=backfill_topic)
+    return EventTransform(fetch, preprocess, model, model_id, limits)
 
 
 def raw(offset: int, event: CatalogEvent | bytes, key: bytes | None = None) -> RawEvent:
@@ -135,3 +137,29 @@ async def test_a_record_too_large_for_the_producer_is_refused_before_anything_is
 async def test_a_dead_letter_says_how_often_the_event_was_tried(attempts: int) -> None:
     out = await transform(Model()).run([raw(0, b"")], attempts=attempts)
     assert out.dead_letters[0].attempts == attempts
+
+
+async def test_a_backfill_re_encodes_the_records_of_another_model_as_their_events() -> None:
+    """A candidate model's encoder reads the active model's vector log as the events its
+    records stand for: same product, version and fields, its own model's vector."""
+    source = "catalog.vectors"
+    old = VectorRecord.upsert("p3", 7, "old@1", np.ones(4), title="Red kurta",
+                              image_uri="https://img.example/3", attributes={"colour": "Red"},
+                              price=12.5, in_stock=True)
+    gone = VectorRecord.tombstone("p4", 9, "old@1")
+    before_v2 = VectorRecord.upsert("p1", 2, "old@1", np.ones(4)).model_copy(
+        update={"schema_version": 1})  # a record of the release before: no image_uri
+    batch = [RawEvent(source, 0, i, r.product_id.encode(), r.to_wire())
+             for i, r in enumerate([old, gone, before_v2])]
+    batch.append(raw(3, upsert(0)))  # a live event beside them
+    out = await transform(Model(), model_id="new@2", backfill_topic=source).run(batch)
+    records = {p.product_id: VectorRecord.from_wire(p.record) for p in out.published}
+    assert set(records) == {"p3", "p4", "p0"}
+    again = records["p3"]
+    assert (again.model_id, again.version, again.title, again.attributes, again.price,
+            again.in_stock) == ("new@2", 7, "Red kurta", {"colour": "Red"}, 12.5, True)
+    assert again.as_array()[0] == 60.0, "encoded from the picture, not copied"
+    assert (records["p4"].op, records["p4"].version) == ("delete", 9)
+    (letter,) = out.dead_letters
+    assert (letter.source_topic, letter.source_offset, letter.stage) == (source, 2, "decode")
+    assert "carries no image_uri" in letter.reason

@@ -153,7 +153,8 @@ def test_search_request_and_response_round_trip() -> None:
     np.testing.assert_array_equal(back.query_matrix(), queries)
     fields = [[ProductFields(title="A", image_uri="file:///a").pack()], [b""]]
     response = SearchResponse(
-        shard_id=1, ids=[["a"], ["b"]], scores=[[0.5], [0.25]], fields=fields, searched=9
+        model_id="m", shard_id=1, ids=[["a"], ["b"]], scores=[[0.5], [0.25]], fields=fields,
+        searched=9,
     )
     assert SearchResponse.from_wire(response.to_wire()) == response
     assert ProductFields.unpack(response.fields_of(0, 0)).title == "A"

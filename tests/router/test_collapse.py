@@ -38,7 +38,7 @@ def test_hits_without_vectors_or_digests_stay_apart() -> None:
 
 def test_facet_counts_sum_across_shards_case_insensitively() -> None:
     def answer(shard: int, facets: dict[str, dict[str, int]]) -> SearchResponse:
-        return SearchResponse(shard_id=shard, ids=[[]], scores=[[]], fields=[[]],
+        return SearchResponse(model_id="m", shard_id=shard, ids=[[]], scores=[[]], fields=[[]],
                               facets=[facets], facet_candidates=[3], searched=3)
 
     merged = merge_facets([answer(0, {"colour": {"Red": 2, "Blue": 1}}),

@@ -32,6 +32,7 @@ class FakeShard:
     tag: int  # reported as `searched`, so a test can tell which replica answered
     delay_s: float = 0.0
     status: int = 200
+    model_id: str | None = None  # set: answers from this model whatever was asked
     arrivals: list[float] = field(default_factory=list)
     url: str = ""
     runner: web.AppRunner | None = None
@@ -46,7 +47,9 @@ class FakeShard:
         scores = query.query_matrix() @ vectors.T
         top = np.argsort(-scores, axis=1)[:, : query.k]
         ids = [[f"s{self.shard_id}-{i}" for i in row] for row in top]
-        answer = SearchResponse(
+        answer = SearchResponse(  # in the version asked, from the model asked (or another)
+            schema_version=query.schema_version,
+            model_id=self.model_id or query.model_id,
             shard_id=self.shard_id,
             ids=ids,
             scores=np.take_along_axis(scores, top, axis=1).tolist(),
@@ -78,7 +81,7 @@ Start = Callable[..., Awaitable[FakeShard]]
 async def start_shard() -> AsyncIterator[Start]:
     started: list[FakeShard] = []
 
-    async def start(shard_id: int, tag: int, **kwargs: float) -> FakeShard:
+    async def start(shard_id: int, tag: int, **kwargs: object) -> FakeShard:
         shard = FakeShard(shard_id, tag, **kwargs)  # type: ignore[arg-type]
         await shard.start()
         started.append(shard)
@@ -103,7 +106,7 @@ def policy(**overrides: float) -> ReplicaPolicy:
 
 def query(budget_s: float) -> SearchRequest:
     vector = np.random.default_rng(7).standard_normal((1, DIM)).astype(np.float32)
-    return SearchRequest.build(vector, 5, budget_s * 1000, "test-request")
+    return SearchRequest.build(vector, 5, budget_s * 1000, "test-request", model_id="m")
 
 
 async def search(
@@ -131,6 +134,18 @@ async def test_a_replica_past_the_deadline_leaves_its_shard_missing_in_time(
     assert [r.shard_id for r in result.responses] == [1]
     assert len(result.responses[0].ids[0]) == 5
     assert replicas.groups[0].replicas[0].consecutive_failures == 1, "a timeout is a failure"
+
+
+async def test_an_answer_from_another_models_index_is_never_merged(
+    session: aiohttp.ClientSession, start_shard: Start
+) -> None:
+    right = await start_shard(0, tag=1)
+    wrong = await start_shard(1, tag=2, model_id="other")
+    replicas = ReplicaSet.from_urls([[right.url], [wrong.url]], policy())
+    result, _ = await search(session, replicas, budget_s=2.0)
+    assert [r.shard_id for r in result.responses] == [0]
+    assert result.responses[0].model_id == "m"
+    assert result.missing == {1: "answered from model 'other', asked for 'm'"}
 
 
 async def test_a_killed_replica_is_routed_around_then_its_breaker_opens(

@@ -12,7 +12,7 @@ def fields(pid: str, shard: int) -> bytes:
 def response(shard: int, hits: dict[str, float]) -> SearchResponse:
     ranked = sorted(hits.items(), key=lambda kv: -kv[1])
     return SearchResponse(
-        shard_id=shard, ids=[[p for p, _ in ranked]], scores=[[s for _, s in ranked]],
+        model_id="m", shard_id=shard, ids=[[p for p, _ in ranked]], scores=[[s for _, s in ranked]],
         fields=[[fields(p, shard) for p, _ in ranked]], searched=9,
     )
 

@@ -25,14 +25,16 @@ from vitrine.catalog import events_from_csv
 from vitrine.cli.ingest import EventPublisher
 from vitrine.cli.stack import LocalStack
 from vitrine.kafka import partition_for, producer_config
+from vitrine.registry import settings_entry
 
 pytestmark = pytest.mark.stack
 
 MODEL_DIM = 384  # the shipped model's vectors: a shard refuses another dimension
 
 
-def applied_records(shard_url: str) -> float:
-    return scrape(shard_url).get(("vitrine_shard_records_total", (("outcome", "applied"),)), 0.0)
+def records(shard_url: str, model_id: str, outcome: str = "applied") -> float:
+    labels = (("model", model_id), ("outcome", outcome))
+    return scrape(shard_url).get(("vitrine_shard_records_total", labels), 0.0)
 
 
 def vectors(shard_url: str) -> int:
@@ -86,7 +88,8 @@ def test_a_restarted_shard_resumes_from_its_snapshot(
         what="the later products and the delete on shard 0",
     )
     # it replayed only what came after the snapshot, not the whole log
-    eventually(lambda: applied_records(shard0) == new_records, what="every later record")
+    model = settings_entry(s).model_id
+    eventually(lambda: records(shard0, model) == new_records, what="every later record")
     mine = [e for e in [*first, *later, *retitled, deleted] if owned(e.product_id)]
     renamed = retitled[0]  # the restarted shard's lexical index knows the new title only
     status, found = http_json(f"{stack.router_url}/search?q={quote_plus(renamed.title)}"
@@ -113,8 +116,9 @@ def test_a_vector_record_of_the_release_before_is_still_read(stack: LocalStack) 
     vector = np.zeros(MODEL_DIM, dtype=np.float32)
     vector[0] = 1.0
     pid = "legacy-v1-record"
+    model = settings_entry(s).model_id  # the model the stack serves
     written_by_v1 = msgpack.packb({
-        "schema_version": 1, "op": "upsert", "product_id": pid, "version": 5, "model_id": "m",
+        "schema_version": 1, "op": "upsert", "product_id": pid, "version": 5, "model_id": model,
         "dim": MODEL_DIM, "dtype": "f32", "vector": vector.tobytes(), "event_time_ms": 0,
         "attributes": {"colour": "Red"},
     }, use_bin_type=True)
@@ -132,13 +136,31 @@ def test_a_vector_record_of_the_release_before_is_still_read(stack: LocalStack) 
     assert held() == {"product_id": pid, "version": 5, "title": "", "image_uri": "",
                       "attributes": {"colour": "Red"}, "price": None, "in_stock": None,
                       "image_digest": ""}
-    update = VectorRecord.upsert(pid, 6, "m", vector, title="now titled",
+    update = VectorRecord.upsert(pid, 6, model, vector, title="now titled",
                                  image_uri="file:///nowhere.jpg")
     producer.produce(s.vectors_topic, update.to_wire(), key=pid.encode(), partition=partition)
     assert producer.flush(30) == 0
     eventually(lambda: http_json(f"{owner}/products/{pid}")[1].get("title") == "now titled",
                what="the v2 update on top")
-    tombstone = VectorRecord.tombstone(pid, 7, "m")
+    tombstone = VectorRecord.tombstone(pid, 7, model)
     producer.produce(s.vectors_topic, tombstone.to_wire(), key=pid.encode(), partition=partition)
     assert producer.flush(30) == 0
     eventually(lambda: http_json(f"{owner}/products/{pid}")[0] == 404, what="deleted again")
+
+
+def test_a_vector_of_another_model_on_the_topic_is_refused(stack: LocalStack) -> None:
+    """One index never holds two models: a record naming another model is counted as
+    rejected and leaves the product as it was."""
+    s = stack.settings
+    pid = "another-models-vector"
+    partition = partition_for(pid, s.vector_partitions)
+    owner = stack.shard_urls[partition % s.num_shards]
+    rejected_before = records(owner, settings_entry(s).model_id, "rejected")
+    stranger = VectorRecord.upsert(pid, 1, "some-other-model@v9", np.ones(MODEL_DIM),
+                                   title="from elsewhere")
+    producer = Producer(producer_config(stack.kafka_bootstrap))
+    producer.produce(s.vectors_topic, stranger.to_wire(), key=pid.encode(), partition=partition)
+    assert producer.flush(30) == 0
+    eventually(lambda: records(owner, settings_entry(s).model_id, "rejected") > rejected_before,
+               what="the record counted as rejected")
+    assert http_json(f"{owner}/products/{pid}")[0] == 404

@@ -75,3 +75,26 @@ def test_own_image_top1_counts_ties_as_found() -> None:
     assert own_image_top1(images, images) == 100.0
     assert own_image_top1(images, images[[1, 0, 2]]) == pytest.approx(100 / 3)
     assert own_image_top1(images, np.ones((3, 3), dtype=np.float32)) == 100.0
+
+
+def test_live_eval_grades_hits_by_their_attributes_against_the_pooled_ideal() -> None:
+    """Two models' answers to one query, judged from what the hits show: the pooled ideal is
+    the best the two found together."""
+    from vitrine.training.eval import Query
+    from vitrine.training.live_eval import grade, live_metrics
+
+    query = Query("red shirts", "colour type", {"colour": "Red", "article_type": "Shirts"})
+    assert grade(query, {"colour": "red ", "article_type": "Shirts"}) == 2
+    assert grade(query, {"colour": "Blue", "article_type": "Shirts"}) == 1
+    assert grade(query, {"colour": "Red", "article_type": "Jeans"}) == 0
+    both = live_metrics({
+        "a": [("p1", 2), ("p2", 1), ("p3", 0)],
+        "b": [("p3", 0), ("p4", 2), ("p1", 2)],
+    })
+    ideal = 3 / np.log2(2) + 3 / np.log2(3) + 1 / np.log2(4)  # p1, p4 (2, 2), p2 (1)
+    assert both["a"]["ndcg@10 pooled"] == pytest.approx((3 + 1 / np.log2(3)) / ideal)
+    assert both["b"]["ndcg@10 pooled"] == pytest.approx((3 / np.log2(3) + 3 / np.log2(4)) / ideal)
+    assert (both["a"]["p@10"], both["a"]["mrr"]) == (0.1, 1.0)
+    assert (both["b"]["p@10"], both["b"]["mrr"]) == (0.2, 0.5)
+    assert live_metrics({"a": [("p9", 0)]})["a"] == {"ndcg@10 pooled": 0.0, "p@10": 0.0,
+                                                     "mrr": 0.0}

@@ -1,35 +1,40 @@
-"""How `vitrine reshard`, run in another terminal, asks the running `vitrine up` to re-shard.
+"""How `vitrine reshard` and `vitrine model ...`, run in another terminal, ask the running
+`vitrine up` to re-shard or to roll a model forward.
 
 The shards must stay children of the `vitrine up` process: its supervisor restarts them and
 they die with it. So that process does the work and the CLI only asks. `vitrine up` serves a
 tiny HTTP control server on loopback and records its address and a random token in the run
-file (mode 0600). `POST /reshard?shards=N` answers with progress lines as they happen and a
-last line, `ok` or `error: <why>`. Chosen over a signal plus a request file because the
+file (mode 0600). `POST /reshard?shards=N` and `POST /model/<add|promote|rollback|retire>`
+(a JSON body of arguments) answer with progress lines as they happen and a last line, `ok` or
+`error: <why>`. Chosen over a signal plus a request file because the
 answer comes back on the same connection (progress, errors, the end), and nothing is left
 on disk to clean up after a crash.
 
 The work runs on one long-lived worker thread, not on the request's thread: PR_SET_PDEATHSIG
 (`vitrine.cli.stack._die_with_parent`) fires when the *thread* that started a child exits, so
 shards started from a per-request thread would be killed as soon as the request ended. One
-worker also means one re-shard at a time. Covered by `tests/e2e/test_reshard.py`.
+worker also means one change at a time. Covered by `tests/e2e/test_reshard.py` and
+`tests/e2e/test_models.py`.
 """
 
 from __future__ import annotations
 
 import http.server
+import json
 import queue
 import secrets
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from vitrine.cli.stack import LocalStack
+from vitrine.cli.models import ModelRollout
+from vitrine.cli.stack import LocalStack, Progress
 from vitrine.errors import VitrineError
 
 log = structlog.get_logger()
@@ -40,13 +45,14 @@ ERROR = "error: "
 
 @dataclass
 class _Job:
-    num_shards: int
+    run: Callable[[Progress], object]
     lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
 
 class ControlServer:
     def __init__(self, stack: LocalStack) -> None:
         self._stack = stack
+        self._models = ModelRollout(stack)
         self._token = secrets.token_urlsafe(24)
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -73,10 +79,10 @@ class ControlServer:
         while True:
             job = self._jobs.get()
             try:
-                self._stack.reshard(job.num_shards, job.lines.put)
+                job.run(job.lines.put)
                 job.lines.put(OK)
             except Exception as exc:  # noqa: BLE001 (reported to the caller, who decides)
-                log.error("re-shard failed", error=str(exc))
+                log.error("control request failed", error=str(exc))
                 job.lines.put(f"{ERROR}{exc}")
             job.lines.put(None)
 
@@ -97,13 +103,15 @@ class ControlServer:
         if request.headers.get("Authorization") != f"Bearer {self._token}":
             request.send_error(403, "missing or wrong control token")
             return
-        if url.path != "/reshard":
+        try:
+            length = int(request.headers.get("Content-Length") or 0)
+            args = json.loads(request.rfile.read(length) or b"{}") if length else {}
+            job = _Job(self._job(url.path, urllib.parse.parse_qs(url.query), args))
+        except LookupError:
             request.send_error(404)
             return
-        try:
-            job = _Job(int(urllib.parse.parse_qs(url.query)["shards"][0]))
-        except (KeyError, ValueError):
-            request.send_error(400, "expected /reshard?shards=N")
+        except (KeyError, ValueError, TypeError) as exc:
+            request.send_error(400, f"bad arguments for {url.path}: {exc}")
             return
         self._jobs.put(job)
         request.send_response(200)
@@ -117,14 +125,46 @@ class ControlServer:
                 pass  # the caller went away; the re-shard goes on, its log says how it ends
 
 
+    def _job(self, path: str, query: dict[str, list[str]], args: dict[str, Any]
+             ) -> Callable[[Progress], object]:
+        """What a request asks for, checked before it is queued (LookupError: no such path)."""
+        stack, models = self._stack, self._models
+        if path == "/reshard":
+            shards = int(query["shards"][0])
+            return lambda progress: stack.reshard(shards, progress)
+        if path == "/model/add":
+            architecture, weights = args.get("architecture"), args.get("weights")
+            seed, runtime = int(args.get("seed", 0)), str(args.get("text_runtime", "auto"))
+            return lambda progress: models.add(architecture, weights, seed, runtime, progress)
+        if path == "/model/promote":
+            model_id = str(args["model_id"])
+            return lambda progress: models.promote(model_id, progress)
+        if path == "/model/rollback":
+            return models.rollback
+        if path == "/model/retire":
+            model_id = str(args["model_id"])
+            return lambda progress: models.retire(model_id, progress)
+        raise LookupError(path)
+
+
 def request_reshard(run_info: dict[str, Any], num_shards: int) -> Iterator[str]:
     """Ask the `vitrine up` that wrote `run_info` (its run file) to re-shard to `num_shards`;
     yields its progress lines and raises VitrineError if it failed."""
+    return request_control(run_info, f"/reshard?shards={num_shards}")
+
+
+def request_control(
+    run_info: dict[str, Any], path: str, args: dict[str, Any] | None = None
+) -> Iterator[str]:
+    """Ask the `vitrine up` that wrote `run_info` to do `path`; yields its progress lines and
+    raises VitrineError if it failed."""
     if "control_url" not in run_info:
         raise VitrineError("the running stack has no control server: restart `vitrine up`")
     request = urllib.request.Request(
-        f"{run_info['control_url']}/reshard?shards={num_shards}", method="POST",
-        headers={"Authorization": f"Bearer {run_info['control_token']}"},
+        f"{run_info['control_url']}{path}", method="POST",
+        data=json.dumps(args or {}).encode(),
+        headers={"Authorization": f"Bearer {run_info['control_token']}",
+                 "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=3600) as response:
@@ -137,4 +177,4 @@ def request_reshard(run_info: dict[str, Any], num_shards: int) -> Iterator[str]:
                 yield line
     except urllib.error.HTTPError as exc:
         raise VitrineError(f"control server: {exc.code} {exc.reason}") from None
-    raise VitrineError("`vitrine up` ended the connection before the re-shard finished")
+    raise VitrineError("`vitrine up` ended the connection before it finished")

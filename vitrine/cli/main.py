@@ -10,15 +10,16 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from proto.catalog import catalog_event_json_schema
 from proto.stats import EncoderStats, ShardStats
 from vitrine.catalog import count_rows, events_from_csv
-from vitrine.cli.control import ControlServer, request_reshard
+from vitrine.cli.control import ControlServer, request_control, request_reshard
 from vitrine.cli.ingest import EventPublisher, publish_all
 from vitrine.cli.stack import LocalStack, StackSettings, read_run_file
 from vitrine.cli.status import StackEndpoints, status_table
@@ -28,6 +29,11 @@ from vitrine.service import configure_logging
 DEFAULT_DATA = Path("../shared/data/fashion")
 
 app = typer.Typer(help="Vitrine: streaming multimodal product search.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Roll a model forward beside the active one: add, status, promote, rollback, retire.",
+    no_args_is_help=True,
+)
+app.add_typer(model_app, name="model")
 
 
 @app.command()
@@ -126,6 +132,93 @@ def reshard(
         raise typer.Exit(1) from None
 
 
+@model_app.command("add")
+def model_add(
+    weights: Annotated[str, typer.Argument(help="checkpoint path, shipped name, tag or 'offline'")],
+    arch: Annotated[str | None, typer.Option(help="architecture (default: the settings')")] = None,
+    seed: Annotated[int, typer.Option(help="init seed of untrained parts")] = 0,
+    text_runtime: Annotated[str, typer.Option(help="auto, torch, onnx or onnx-int8")] = "auto",
+) -> None:
+    """Serve a candidate model beside the active one: its encoder backfills the catalog from
+    the active model's vector log and follows new events; the shards build its index."""
+    _control("/model/add", {"architecture": arch, "weights": weights or None, "seed": seed,
+                            "text_runtime": text_runtime})
+
+
+@model_app.command("promote")
+def model_promote(
+    model_id: Annotated[str, typer.Argument(help="the candidate's model id")],
+) -> None:
+    """Make a candidate the active model; refused until it covers the catalog."""
+    _control("/model/promote", {"model_id": model_id})
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Switch back to the model that was active before the last promotion."""
+    _control("/model/rollback", {})
+
+
+@model_app.command("retire")
+def model_retire(
+    model_id: Annotated[str, typer.Argument(help="a model that is not active")],
+) -> None:
+    """Stop serving a model: its encoder stops and the shards free its index."""
+    _control("/model/retire", {"model_id": model_id})
+
+
+@model_app.command("status")
+def model_status(
+    sample_s: Annotated[float, typer.Option(help="seconds between the two rate samples")] = 2.0,
+) -> None:
+    """Each served model: vectors against the catalog, shards caught up, backfill rate, ETA."""
+    from vitrine.cli.models import coverage
+    from vitrine.registry import read_registry
+
+    found = _run_info()
+    settings = StackSettings(kafka_bootstrap=found["kafka_bootstrap"])
+    registry = read_registry(settings)
+    encoders = found.get("model_encoders", {})
+    before = {c.model_id: c for c in coverage(registry, found["shard_urls"], encoders)}
+    time.sleep(sample_s)
+    table = Table(title=f"Vitrine models (registry revision {registry.revision})")
+    for column in ("model", "role", "vectors", "coverage", "shards", "backfill left",
+                   "rate", "ETA", "promotable"):
+        table.add_column(column)
+    for now in coverage(registry, found["shard_urls"], encoders):
+        rate = max(0.0, now.encoded - before[now.model_id].encoded) / sample_s
+        left = now.backfill_left
+        eta = "-" if not left else (f"{left / rate:.0f} s" if rate > 0 else "stalled")
+        problems = now.problems()
+        index = now.index
+        table.add_row(
+            now.model_id, "active" if now.active else "candidate", f"{index.vectors:,}",
+            f"{index.ratio:.1%}", f"{index.shards_caught_up}/{index.shards} caught up",
+            "-" if left is None else f"{left:,}", f"{rate:.1f}/s", eta,
+            "yes" if not problems else "; ".join(problems),
+        )
+    console = Console()
+    if not console.is_terminal:  # piped or captured: whole model ids, never cut to fit 80
+        console.width = 240
+    console.print(table)
+
+
+def _run_info() -> dict[str, Any]:
+    found = read_run_file(StackSettings().state_dir)
+    if found is None:
+        raise typer.BadParameter("no running stack found: start `vitrine up` first")
+    return found
+
+
+def _control(path: str, args: dict[str, Any]) -> None:
+    try:
+        for line in request_control(_run_info(), path, args):
+            typer.echo(line)
+    except VitrineError as exc:
+        typer.secho(f"{path.rsplit('/', 1)[-1]} failed: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def demo(
     data: Annotated[Path, typer.Option(help="fashion dataset dir")] = DEFAULT_DATA,
@@ -189,22 +282,56 @@ def evaluate(
     weights: Annotated[list[str] | None, typer.Option(help="weights; repeat to compare")] = None,
     split: Annotated[str, typer.Option(help="test or val")] = "test",
     json_out: Annotated[Path | None, typer.Option("--json", help="write all metrics")] = None,
+    router: Annotated[str | None, typer.Option(
+        help="score a running stack instead: its router URL ('up': the local one)")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="with --router: a served model id; repeat to compare (default: every one)")] = None,
+    queries: Annotated[int, typer.Option(help="with --router: how many queries")] = 300,
 ) -> None:
-    """Text-to-image retrieval metrics under the three catalog conditions, as a table."""
+    """Text-to-image retrieval metrics under the three catalog conditions, as a table; with
+    --router, the same queries through a running stack, model by model, side by side."""
     from vitrine.model import ModelSpec
     from vitrine.settings import CommonSettings
     from vitrine.training.eval import evaluate_spec, markdown_table
 
+    if split not in ("test", "val"):
+        raise typer.BadParameter("split must be test or val")
+    if router is not None:
+        results = _evaluate_live(router, model, data, "val" if split == "val" else "test",
+                                 queries)
+        if json_out is not None:
+            json_out.write_text(json.dumps(results, indent=2))
+        return
     default = CommonSettings().model_spec()
     specs = [ModelSpec(arch or default.architecture, w or None, default.seed)
              for w in (weights or [default.weights or ""])]
-    if split not in ("test", "val"):
-        raise typer.BadParameter("split must be test or val")
     results = {spec.model_id: evaluate_spec(spec, data, "val" if split == "val" else "test")
                for spec in specs}
     typer.echo(markdown_table(results))
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def _evaluate_live(
+    router: str, models: list[str] | None, data: Path, split: Literal["test", "val"],
+    count: int,
+) -> dict[str, Any]:
+    from vitrine.registry import read_registry
+    from vitrine.training.data import in_split, load_products
+    from vitrine.training.eval import build_queries
+    from vitrine.training.live_eval import evaluate_live, live_table
+
+    if router == "up" or not models:
+        found = _run_info()
+        router = found["router_url"] if router == "up" else router
+        if not models:
+            registry = read_registry(StackSettings(kafka_bootstrap=found["kafka_bootstrap"]))
+            models = [registry.active, *(m.model_id for m in registry.candidates)]
+    built = build_queries(in_split(load_products(data), split))
+    step = max(1, len(built) // max(1, count))
+    results = evaluate_live(router, models, built[::step][:count])
+    typer.echo(live_table(results))
+    return results
 
 
 def wait_until_indexed(stack: LocalStack, published: int, timeout_s: float = 600) -> int:

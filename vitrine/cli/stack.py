@@ -33,10 +33,12 @@ from typing import IO, Any
 import structlog
 from pydantic import Field
 
+from proto.models import ModelEntry
 from proto.stats import ShardStats
 from vitrine.cli.status import probe
 from vitrine.errors import VitrineError
 from vitrine.kafka import ensure_topics
+from vitrine.registry import encoder_env, read_registry
 from vitrine.settings import CommonSettings
 
 log = structlog.get_logger()
@@ -143,7 +145,9 @@ class LocalStack:
         self.redis_url = settings.redis_url or ""
         self.router_url = ""
         self.fleet = FleetChildren()
-        self.encoder_url = ""
+        self.encoder_url = ""  # the encoder of the settings' own model
+        self.model_encoders: dict[str, str] = {}  # model id -> its encoder's URL
+        self._encoder_names: dict[str, str] = {}  # model id -> its encoder child
         self.log_dir = settings.state_dir / "logs"
         self.admin_token = secrets.token_urlsafe(24)  # the router's VITRINE_ADMIN_TOKEN
         self.lock = threading.RLock()  # the supervisor thread and callers start/stop children
@@ -212,18 +216,45 @@ class LocalStack:
         common = self._common_env()
         python = [sys.executable, "-m"]
         self.fleet = self._plan_shards(s.num_shards, generation=1)
-        port = free_port()
-        self.encoder_url = f"http://127.0.0.1:{port}"
-        env = {"VITRINE_ENCODER_PORT": str(port),
-               "VITRINE_ENCODER_STATE_DIR": str(s.state_dir / "encoder")}  # its attempt ledger
-        self._add("encoder", [*python, "services.encoder"], {**common, **env},
-                  f"{self.encoder_url}/readyz")
+        for entry in read_registry(self.kafka_settings()).models:
+            self.plan_encoder(entry)
         port = s.router_port or free_port()
         self.router_url = f"http://127.0.0.1:{port}"
         env = {"VITRINE_ROUTER_PORT": str(port), "VITRINE_SHARD_URLS": self.fleet.shard_list(),
                "VITRINE_ADMIN_TOKEN": self.admin_token}
         self._add("router", [*python, "services.router"], {**common, **env},
                   f"{self.router_url}/readyz")
+
+    def plan_encoder(self, entry: ModelEntry) -> str:
+        """An encoder child for one served model: `encoder` for the settings' own (on their
+        vector topic), `encoder-<topic>` for a model added beside it. Returns its name."""
+        own = entry.vectors_topic == self.settings.vectors_topic
+        name = "encoder" if own else f"encoder-{entry.vectors_topic.rsplit('-', 1)[-1]}"
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {"VITRINE_ENCODER_PORT": str(port),  # and where its attempt ledger lives
+               "VITRINE_ENCODER_STATE_DIR": str(self.settings.state_dir / name)}
+        self._add(name, [sys.executable, "-m", "services.encoder"],
+                  {**self._common_env(), **({} if own else encoder_env(entry)), **env},
+                  f"{url}/readyz")
+        self.model_encoders[entry.model_id] = url
+        self._encoder_names[entry.model_id] = name
+        if own:
+            self.encoder_url = url
+        return name
+
+    def forget_encoder(self, model_id: str) -> str | None:
+        """The encoder child of a model that is no longer served; the stack forgets it."""
+        name = self._encoder_names.pop(model_id, None)
+        self.model_encoders.pop(model_id, None)
+        return name
+
+    def kafka_settings(self) -> CommonSettings:
+        """The shared settings with the broker this stack resolved."""
+        return CommonSettings.model_validate(
+            {**self.settings.model_dump(include=set(CommonSettings.model_fields)),
+             "kafka_bootstrap": self.kafka_bootstrap}
+        )
 
     def _plan_shards(self, num_shards: int, generation: int) -> FleetChildren:
         """Children for a fleet of `num_shards`, each with its own snapshot dir. Generation 1
@@ -268,7 +299,7 @@ class LocalStack:
         with self.lock:
             self.children[name] = Child(name, args, env, health)
 
-    def _remove(self, name: str) -> None:
+    def remove_child(self, name: str) -> None:
         """Stop a child for good and forget it: the supervisor no longer sees it."""
         self.stop_child(name)
         with self.lock:
@@ -366,13 +397,13 @@ class LocalStack:
                 self._switch_router(new)
             except BaseException:
                 for name in new.children:
-                    self._remove(name)
+                    self.remove_child(name)
                 raise
             self._adopt(new)
             progress(f"router switched to {num_shards} shards; stopping the old fleet")
             self.stopping.wait(self.settings.reshard_drain_s)
             for name in old.children:
-                self._remove(name)
+                self.remove_child(name)
                 shutil.rmtree(self._snapshot_dir(name), ignore_errors=True)
             progress(f"done: {num_shards} shards, generation {new.generation}")
         finally:
@@ -427,6 +458,7 @@ class LocalStack:
             "redis_url": self.redis_url,
             "router_url": self.router_url,
             "encoder_url": self.encoder_url,
+            "model_encoders": self.model_encoders,
             "generation": self.fleet.generation,
             "admin_token": self.admin_token,  # the router's, for `curl .../admin/fleet`
             "shard_urls": self.shard_urls,
@@ -464,7 +496,7 @@ def _shard_state(child: Child) -> _ShardState:
 def _stop_order(name: str) -> int:
     """Clients before servers: router, encoder, shards, then Redis and the broker."""
     order = {"router": 0, "encoder": 1, "redis": 3, "broker": 4}
-    return order.get(name, 2)
+    return 1 if name.startswith("encoder") else order.get(name, 2)
 
 
 def _env_value(value: Any) -> str:

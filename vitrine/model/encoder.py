@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from vitrine.errors import ModelSpecError
 from vitrine.model.fusion import GatedFusion
 from vitrine.model.onnx_text import OnnxTextTower, TextRuntime
+from vitrine.model.spec import runtime_model_id
 from vitrine.settings import Precision
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class DualEncoder:
         if text_runtime == "auto":
             cpu_fp32 = device.type == "cpu" and self.precision == "fp32"
             text_runtime = "onnx" if cpu_fp32 else "torch"
-        self.model_id = model_id if text_runtime != "onnx-int8" else f"{model_id}+{text_runtime}"
+        self.model_id = runtime_model_id(model_id, text_runtime)
         self.device = device
         self.text_runtime = text_runtime
         self._onnx: OnnxTextTower | None = None

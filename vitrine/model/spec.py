@@ -66,6 +66,11 @@ class ModelSpec:
         return f"{arch}@{weights}"
 
 
+def runtime_model_id(model_id: str, text_runtime: str) -> str:
+    """A lossy text runtime is another vector space: its own id. Exact ones keep the spec's."""
+    return f"{model_id}+{text_runtime}" if text_runtime == "onnx-int8" else model_id
+
+
 def product_text(title: str, attributes: Mapping[str, str]) -> str:
     """The text the product side reads: the title, then the attribute values as one phrase.
 
