@@ -3,6 +3,7 @@ core (services/router/search.py) and encode its typed answer; the rest is lifecy
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -94,7 +95,16 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
     client = aioredis.from_url(settings.redis_url) if settings.redis_url else None
     models = RouterModels(settings, client, EncodingMetrics(app[REGISTRY]), app[READINESS])
     app[MODELS] = models
-    async with background(app, RegistryFollower(settings, models.apply).run(), "model registry"):
+    follower = RegistryFollower(settings, models.apply).run()
+    async with background(app, follower, "model registry") as following:
+        # listen only once a query can be answered, as before the registry: a client that
+        # reaches a starting router finds nothing there rather than a 503
+        loaded = asyncio.ensure_future(models.active_loaded.wait())
+        await asyncio.wait([loaded, following], return_when=asyncio.FIRST_COMPLETED)
+        if not loaded.done():
+            loaded.cancel()
+            following.result()  # the registry or the model failed: so does the start
+            raise RuntimeError("the model registry stopped before the active model loaded")
         yield
     await models.aclose()
     if client is not None:

@@ -69,6 +69,7 @@ class RouterModels:
         self.failed: dict[str, str] = {}  # candidate -> why it did not load here
         self.registry: ModelRegistry | None = None
         self.covering: list[str] = []  # candidates whose indexes cover the catalog
+        self.active_loaded = asyncio.Event()
         self._random = random.Random()
 
     @property
@@ -117,6 +118,7 @@ class RouterModels:
                 )
                 log.info("model loaded", model_id=model.model_id, active=active)
             if active:
+                self.active_loaded.set()
                 self._readiness.set_ready()
 
     async def aclose(self) -> None:
