@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import re
@@ -11,7 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto.catalog import CatalogEvent
 from proto.dlq import DeadLetter
+from vitrine.cli.control import ControlServer
+from vitrine.cli.ingest import EventPublisher
+from vitrine.cli.stack import LocalStack, StackSettings
 from vitrine.kafka import consumer_config, partition_for
 
 T = TypeVar("T")
@@ -202,3 +206,29 @@ def assert_shards_show_latest_fields(
         if (status, held) != (200, want) or not re.fullmatch(r"[0-9a-f]{32}", digest or ""):
             wrong.append((pid, want, held, digest))
     assert not wrong, wrong[:5]
+
+
+# stacks of their own (tests/e2e/test_reshard.py, tests/e2e/test_models.py)
+
+
+@contextlib.contextmanager
+def supervised_stack(settings: StackSettings) -> Iterator[LocalStack]:
+    """`vitrine up` in miniature: supervised, with the control server the CLI talks to."""
+    stack = LocalStack(settings)
+    stack.start()
+    stack.supervise()
+    control = ControlServer(stack)
+    control.start()
+    try:
+        yield stack
+    finally:
+        control.stop()
+        stack.stop()
+
+
+def publish(stack: LocalStack, events: list[CatalogEvent]) -> None:
+    s = stack.settings
+    publisher = EventPublisher(stack.kafka_bootstrap, s.events_topic, s.event_partitions)
+    for event in events:
+        publisher.publish(event)
+    publisher.flush()

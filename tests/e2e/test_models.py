@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from proto.catalog import CatalogEvent
 from proto.stats import ShardStats
 from tests.conftest import stage_image
 from tests.helpers import (
@@ -32,12 +31,12 @@ from tests.helpers import (
     expected_content,
     http_json,
     ids_of,
+    publish,
     search_image,
+    supervised_stack,
 )
 from vitrine.catalog import events_from_csv
 from vitrine.cli import main as cli
-from vitrine.cli.control import ControlServer
-from vitrine.cli.ingest import EventPublisher
 from vitrine.cli.models import coverage
 from vitrine.cli.stack import LocalStack, StackSettings
 from vitrine.registry import read_registry, settings_entry
@@ -56,22 +55,10 @@ def model_stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> I
         deadline_ms=3000,  # a second model loading and encoding on 2 cores: about correctness
         service_env={"VITRINE_CANARY_SHARE": "0.5", "VITRINE_CANARY_CHECK_S": "1"},
     )
-    stack = LocalStack(settings)
-    stack.start()
-    stack.supervise()
-    control = ControlServer(stack)  # what `vitrine model ...` talks to
-    control.start()
-    yield stack
-    control.stop()
-    stack.stop()
+    with supervised_stack(settings) as stack:
+        yield stack
 
 
-def publish(stack: LocalStack, events: list[CatalogEvent]) -> None:
-    s = stack.settings
-    publisher = EventPublisher(stack.kafka_bootstrap, s.events_topic, s.event_partitions)
-    for event in events:
-        publisher.publish(event)
-    publisher.flush()
 
 
 def vitrine(stack: LocalStack, *args: str) -> tuple[int, str]:

@@ -27,14 +27,14 @@ from tests.helpers import (
     expected_content,
     http_json,
     latest_events,
+    publish,
     script,
     search_text,
     shard_vectors,
+    supervised_stack,
 )
 from vitrine.catalog import events_from_csv
 from vitrine.cli import main as cli
-from vitrine.cli.control import ControlServer
-from vitrine.cli.ingest import EventPublisher
 from vitrine.cli.stack import LocalStack, StackSettings, read_run_file
 from vitrine.cli.status import probe
 from vitrine.errors import VitrineError
@@ -55,14 +55,8 @@ def small_stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> I
         deadline_ms=3000,  # 2 busy cores while new shards start: about correctness, not speed
         reshard_drain_s=3.5,  # > the deadline: queries in flight finish on the old fleet
     )
-    stack = LocalStack(settings)
-    stack.start()
-    stack.supervise()
-    control = ControlServer(stack)
-    control.start()
-    yield stack
-    control.stop()
-    stack.stop()
+    with supervised_stack(settings) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +71,6 @@ def catalog(small_stack: LocalStack, fashion_data: Path, image_root: Path) -> li
     return script(rows)
 
 
-def publish(stack: LocalStack, events: list[CatalogEvent]) -> None:
-    s = stack.settings
-    publisher = EventPublisher(stack.kafka_bootstrap, s.events_topic, s.event_partitions)
-    for event in events:
-        publisher.publish(event)
-    publisher.flush()
 
 
 def reshard_under_load(stack: LocalStack, shards: int, during: list[CatalogEvent]) -> str:
