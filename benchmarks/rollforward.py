@@ -11,8 +11,7 @@ two, and query latency during the backfill against before (prints a table; not a
    log, the same number of new texts: p50/p99 during, and the ratio to before;
 4. the backfill rate (products/s from the add, and from its encoder being ready, until every
    shard holds the candidate in full) and, per shard, resident memory and index bytes with one
-   model and with two. The candidate's encoder also replays catalog.events from its start
-   (its consumer group is new), so it encodes each product about twice.
+   model and with two.
 """
 
 from __future__ import annotations

@@ -60,18 +60,26 @@ def model_id_of(architecture: str, weights: str | None, seed: int, text_runtime:
     return runtime_model_id(ModelSpec(architecture, weights, seed).model_id, text_runtime)
 
 
-def encoder_env(entry: ModelEntry) -> dict[str, str]:
+def encoder_env(entry: ModelEntry, settings_topic: str) -> dict[str, str]:
     """The settings that make an encoder encode this entry's model into its own topic (and
     backfill it), in its own consumer group."""
     env = {
         "VITRINE_MODEL_ARCH": entry.architecture, "VITRINE_MODEL_WEIGHTS": entry.weights or "",
         "VITRINE_MODEL_SEED": str(entry.seed), "VITRINE_TEXT_RUNTIME": entry.text_runtime,
         "VITRINE_VECTORS_TOPIC": entry.vectors_topic,
-        "VITRINE_GROUP_ID": f"vitrine-encoder.{entry.vectors_topic}",
+        "VITRINE_GROUP_ID": encoder_group(entry.vectors_topic, settings_topic),
     }
     if entry.backfill_from:
         env["VITRINE_BACKFILL_FROM"] = entry.backfill_from
+        env["VITRINE_EVENTS_FROM_GROUP"] = encoder_group(entry.backfill_from, settings_topic)
     return env
+
+
+def encoder_group(vectors_topic: str, settings_topic: str) -> str:
+    """The consumer group of the encoders writing `vectors_topic`: the settings' own group for
+    the settings' topic, else one per topic."""
+    return "vitrine-encoder" if vectors_topic == settings_topic else \
+        f"vitrine-encoder.{vectors_topic}"
 
 
 @dataclass(frozen=True)

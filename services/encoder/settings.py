@@ -16,6 +16,11 @@ class EncoderSettings(CommonSettings):
         default=None, description="a candidate model's encoder: the vector topic of the model "
         "it follows, re-encoded from the products' fields beside the live events",
     )
+    events_from_group: str | None = Field(
+        default=None, description="a candidate model's encoder: where its group has committed "
+        "nothing yet, catalog.events starts at this group's offsets (the followed model's "
+        "encoders: what they encoded before is in the backfill), not at the start",
+    )
     batch_size: int = Field(default=32, ge=1, le=1024)
     batch_timeout_ms: int = Field(default=200, ge=1, description="flush a partial batch after")
     fetch_concurrency: int = Field(default=16, ge=1)

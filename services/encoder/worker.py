@@ -26,14 +26,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from proto.dlq import DeadLetter
 from services.encoder.attempts import AttemptLedger, position
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.pipeline import BatchOutput, EventTransform, Publication, RawEvent
 from services.encoder.settings import EncoderSettings
-from vitrine.kafka import AsyncConsumer, LagTracker, partition_for
+from vitrine.kafka import AsyncConsumer, LagTracker, consumer_config, partition_for
 
 log = structlog.get_logger()
 
@@ -100,7 +107,7 @@ class EncoderWorker:
         kafka = self._consumer.consumer
         sources = [self._s.events_topic, *([self._s.backfill_from] if self._s.backfill_from
                                            else [])]
-        await self._consumer.call(kafka.subscribe, sources)
+        await self._consumer.call(kafka.subscribe, sources, on_assign=self._on_assign)
         while True:
             messages = await self._consumer.next_batch(
                 self._s.batch_size, self._s.batch_timeout_ms / 1000
@@ -112,6 +119,30 @@ class EncoderWorker:
             if self._rewound:  # the world failed us: wait before the next go (not a stall)
                 self._rewound = False
                 await asyncio.sleep(self._backoff_s)
+
+    def _on_assign(self, kafka: Consumer, partitions: list[TopicPartition]) -> None:
+        """On the consumer's thread: event partitions this group never committed start where
+        the followed model's encoders have (`events_from_group`); everything before that is
+        in the vector log the backfill reads, so it need not be encoded twice."""
+        source = self._s.events_from_group
+        events = [tp for tp in partitions if tp.topic == self._s.events_topic]
+        if source is None or not events:
+            return
+        fresh = [tp for tp in kafka.committed(events, timeout=10) if tp.offset < 0]
+        if not fresh:
+            return
+        reader = Consumer(consumer_config(self._s.kafka_bootstrap, source))
+        try:
+            theirs = {tp.partition: tp.offset for tp in reader.committed(fresh, timeout=10)}
+        finally:
+            reader.close()
+        starts = {p: o for p, o in theirs.items() if o >= 0}
+        for tp in partitions:
+            if tp.topic == self._s.events_topic and tp.partition in starts:
+                tp.offset = starts[tp.partition]
+        log.info("events start where the followed model's encoders are", group=source,
+                 offsets=starts)
+        kafka.assign(partitions)
 
     async def _refresh_lags(self) -> None:
         trackers = [(self.lag, self._s.events_topic)]

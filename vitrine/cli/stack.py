@@ -235,7 +235,8 @@ class LocalStack:
         env = {"VITRINE_ENCODER_PORT": str(port),  # and where its attempt ledger lives
                "VITRINE_ENCODER_STATE_DIR": str(self.settings.state_dir / name)}
         self._add(name, [sys.executable, "-m", "services.encoder"],
-                  {**self._common_env(), **({} if own else encoder_env(entry)), **env},
+                  {**self._common_env(),
+                   **({} if own else encoder_env(entry, self.settings.vectors_topic)), **env},
                   f"{url}/readyz")
         self.model_encoders[entry.model_id] = url
         self._encoder_names[entry.model_id] = name
