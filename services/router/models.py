@@ -130,7 +130,8 @@ class RouterModels:
         share = self._s.canary_share
         if not share or not self.covering or self._random.random() >= share:
             return None
-        loaded = [m for m in self.covering if m in self.encoders]
+        rolling = {m.model_id for m in _rolling_forward(self.registry)}
+        loaded = [m for m in self.covering if m in self.encoders and m in rolling]
         return loaded[-1] if loaded else None  # the newest candidate that covers
 
     async def watch_coverage(self, fleets: FleetSwitch, session: aiohttp.ClientSession) -> None:
@@ -138,11 +139,11 @@ class RouterModels:
         timeout = aiohttp.ClientTimeout(total=self._s.canary_check_s)
         while True:
             registry = self.registry
-            if registry is not None and registry.candidates:
+            if registry is not None and _rolling_forward(registry):
                 groups = fleets.current.replicas.groups
                 stats = await asyncio.gather(*(_stats(session, g.replicas[0].url, timeout)
                                                for g in groups))
-                covering = [m.model_id for m in registry.candidates
+                covering = [m.model_id for m in _rolling_forward(registry)
                             if not IndexCoverage.of(stats, m.model_id, registry.active).problems()]
                 if covering != self.covering:
                     log.info("candidates covering the catalog", models=covering,
@@ -176,3 +177,11 @@ async def _stats(
             return ShardStats.model_validate(await response.json())
     except (aiohttp.ClientError, TimeoutError, ValueError, ValidationError):
         return None
+
+
+def _rolling_forward(registry: ModelRegistry | None) -> list[ModelEntry]:
+    """The candidates a canary may try: never the model active before (after a promotion it is
+    the fallback, after a rollback the model just rolled back)."""
+    if registry is None:
+        return []
+    return [m for m in registry.candidates if m.model_id != registry.previous]
