@@ -81,3 +81,23 @@ def test_any_query_string_gives_a_query_or_a_400(pairs: list[tuple[str, str]]) -
         return
     assert query.text and 1 <= query.k <= SETTINGS.max_k
     assert set(query.filters) <= set(SETTINGS.filter_fields)
+
+
+def test_a_named_model_is_checked_and_the_header_may_not_contradict_it() -> None:
+    from services.router.query import with_model_header
+
+    named = query_from_params(MultiDict({"q": "red dress", "model": "arch@w"}), SETTINGS)
+    assert named.model == "arch@w"
+    assert with_model_header(named, None).model == "arch@w"
+    assert with_model_header(named, "arch@w").model == "arch@w"
+    with pytest.raises(InvalidQuery, match="disagree"):
+        with_model_header(named, "other@v")
+    plain = query_from_params(MultiDict({"q": "red dress"}), SETTINGS)
+    assert plain.model is None and with_model_header(plain, "other@v").model == "other@v"
+    for bad in ("", "x" * 301):
+        with pytest.raises(InvalidQuery, match="model must be a model id"):
+            query_from_params(MultiDict({"q": "red dress", "model": bad}), SETTINGS)
+        with pytest.raises(InvalidQuery, match="model must be a model id"):
+            with_model_header(plain, bad)
+    with pytest.raises(InvalidQuery, match="model must be a model id"):
+        query_from_json({"text": "red dress", "model": 7}, SETTINGS)
