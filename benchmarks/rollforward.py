@@ -32,7 +32,7 @@ import numpy as np
 
 from vitrine.catalog import events_from_csv
 from vitrine.cli.ingest import EventPublisher
-from vitrine.cli.models import ModelRollout, coverage
+from vitrine.cli.models import ModelRollout, ServingTarget, coverage
 from vitrine.cli.stack import LocalStack, StackSettings
 from vitrine.registry import read_registry, settings_entry
 
@@ -154,7 +154,7 @@ def run(stack: LocalStack, data: Path, products: int, queries: int) -> None:
 
 def covered(stack: LocalStack, model_id: str, products: int) -> bool:
     registry = read_registry(stack.kafka_settings())
-    found = {c.model_id: c for c in coverage(registry, stack.shard_urls, stack.model_encoders)}
+    found = {c.model_id: c for c in coverage(registry, ServingTarget.of_stack(stack))}
     return model_id in found and found[model_id].index.vectors >= products and \
         not found[model_id].problems()
 

@@ -202,6 +202,31 @@ def partition_lag(consumer: Consumer, partitions: list[TopicPartition]) -> dict[
     return lags
 
 
+def committed_lag(
+    bootstrap: str, group_id: str, topic: str, timeout_s: float = 10.0
+) -> dict[int, int]:
+    """Messages of `topic` that `group_id` has not committed yet, per partition: what KEDA
+    scales a Deployment on, read without joining the group (its members are undisturbed).
+
+    A partition the group never committed counts from its start; approximate on Tansu like
+    `partition_lag`, exact on Kafka.
+    """
+    consumer = Consumer(consumer_config(bootstrap, group_id))
+    try:
+        found = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if found is None or found.error is not None:
+            raise VitrineError(f"topic {topic!r} cannot be read: "
+                               f"{found.error if found is not None else 'unknown topic'}")
+        wanted = [TopicPartition(topic, p) for p in sorted(found.partitions)]
+        lags: dict[int, int] = {}
+        for tp in consumer.committed(wanted, timeout=timeout_s):
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            lags[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
+        return lags
+    finally:
+        consumer.close()
+
+
 class LagTracker:
     """Refreshes a per-partition lag gauge at most every `interval_s`, from the consumer's
     own thread, so the loop that owns the consumer pays for it only now and then."""

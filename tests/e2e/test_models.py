@@ -11,7 +11,10 @@ model id of its own (another vector space for product texts) that loads offline.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -37,14 +40,15 @@ from tests.helpers import (
 )
 from vitrine.catalog import events_from_csv
 from vitrine.cli import main as cli
-from vitrine.cli.models import coverage
-from vitrine.cli.stack import LocalStack, StackSettings
+from vitrine.cli.models import ServingTarget, coverage
+from vitrine.cli.stack import LocalStack, StackSettings, free_port
 from vitrine.registry import read_registry, settings_entry
 
 pytestmark = pytest.mark.stack
 
 ROWS = (4800, 5000)  # rows of products.csv that no other test publishes
 LATE = 20  # of them published only while the candidate backfills
+CLUSTER_ROWS = (5000, 5040)  # the Kubernetes procedure's own products
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,6 @@ def model_stack(tmp_path_factory: pytest.TempPathFactory, image_root: Path) -> I
     )
     with supervised_stack(settings) as stack:
         yield stack
-
-
 
 
 def vitrine(stack: LocalStack, *args: str) -> tuple[int, str]:
@@ -122,7 +124,7 @@ def test_a_candidate_is_backfilled_promoted_rolled_back_and_retired_while_servin
         eventually(lambda: holds(stack, old) == expected, what="the active one too")
         registry = read_registry(stack.kafka_settings())
         eventually(lambda: all(not c.problems() for c in coverage(
-            registry, stack.shard_urls, stack.model_encoders)), what="the candidate covering")
+            registry, ServingTarget.of_stack(stack))), what="the candidate covering")
         code, output = vitrine(stack, "model", "status")
         assert code == 0 and "candidate" in output, output
         code, output = vitrine(stack, "eval", "--router", "up", "--data", str(fashion_data),
@@ -175,3 +177,97 @@ def test_a_candidate_is_backfilled_promoted_rolled_back_and_retired_while_servin
                                + urllib.parse.urlencode({"q": "red dress", "model": candidate}))
     assert status == 404 and "is served" in answer["error"], answer
     assert not any(n.startswith("encoder-") for n in stack.children), "its encoder stopped"
+
+
+def vitrine_in_router_pod(stack: LocalStack, *args: str) -> tuple[int, str, str]:
+    """`kubectl exec deploy/vitrine-router -- vitrine ...`: the CLI with the router's own
+    settings (the broker, the shard list) and no `vitrine up` to ask. (code, stdout, stderr)"""
+    env = {key: value for key, value in stack.children["router"].env.items()
+           if key.startswith("VITRINE_")}
+    result = CliRunner().invoke(cli.app, list(args), env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_the_kubernetes_procedure_rolls_a_model_forward_from_a_router_pod(
+    model_stack: LocalStack, fashion_data: Path, image_root: Path, tmp_path: Path
+) -> None:
+    """The README's Kubernetes steps against real services: `--cluster` writes only the
+    registry and prints the candidate's model.env; an encoder started from the shared settings
+    plus that file (what components/model-encoder's Deployment runs) backfills it; status,
+    promote (refused first), rollback and retire work with no `vitrine up` to ask, its
+    backfill read from the candidate's consumer group, while shoppers are served."""
+    stack = model_stack
+    rows = list(itertools.islice(events_from_csv(fashion_data / "products.csv", image_root),
+                                 *CLUSTER_ROWS))
+    for event in rows:
+        stage_image(fashion_data, image_root, event.product_id)
+    publish(stack, rows)
+    old = read_registry(stack.kafka_settings()).active
+    eventually(lambda: expected_content(rows).items() <= holds(stack, old).items(),
+               what="the procedure's products indexed")
+    shopper = Shopper(stack.router_url)
+    thread = threading.Thread(target=shopper.run)
+    thread.start()
+    encoder: subprocess.Popen[bytes] | None = None
+    router = ("--router", stack.router_url)
+    try:
+        code, out, err = vitrine_in_router_pod(
+            stack, "model", "add", "offline", "--arch", "vitrine-minilm-efflite0", "--cluster")
+        assert code == 0, err
+        candidate = "vitrine-minilm-efflite0@offline#0"
+        assert f"added {candidate}" in err
+        model_env = parse_env_file(out)  # stdout is the model.env alone
+        assert model_env["VITRINE_MODEL_ARCH"] == "vitrine-minilm-efflite0"
+        assert model_env["VITRINE_BACKFILL_FROM"] == "catalog.vectors"
+        assert not any(n.startswith("encoder-") for n in stack.children), "registry only"
+        code, _, err = vitrine_in_router_pod(stack, "model", "promote", candidate, "--cluster",
+                                             *router)
+        assert code == 1 and "does not cover the catalog" in err and "backfill has" in err, err
+        refused_at = len(shopper.answers)
+
+        # its Deployment: the shared settings (vitrine-config) with the model.env on top
+        port = free_port()
+        encoder = subprocess.Popen(
+            [sys.executable, "-m", "services.encoder"],
+            env={**os.environ, **stack.children["encoder"].env, **model_env,
+                 "VITRINE_ENCODER_PORT": str(port),
+                 "VITRINE_ENCODER_STATE_DIR": str(tmp_path / "encoder")},
+            stdout=subprocess.DEVNULL, stderr=(tmp_path / "encoder.log").open("wb"),
+        )
+        eventually(lambda: holds(stack, candidate) == holds(stack, old) or None, timeout_s=300,
+                   what="the candidate holding what the active model holds")
+        code, out, err = vitrine_in_router_pod(stack, "model", "status", "--cluster", *router,
+                                               "--sample-s", "0.5")
+        assert code == 0 and candidate in out, out + err
+        eventually(lambda: vitrine_in_router_pod(
+            stack, "model", "promote", candidate, "--cluster", *router)[0] == 0,
+            timeout_s=60, what="promotion once its backfill is committed")
+        pid = rows[3].product_id
+        found = search_image(stack.router_url, image_root / f"{pid}.jpg", k=5)
+        assert found["model_id"] == candidate and ids_of(found)[0] == pid
+
+        code, out, err = vitrine_in_router_pod(stack, "model", "rollback", "--cluster", *router)
+        assert code == 0 and f"{old} is the active model again" in out, out + err
+        code, out, err = vitrine_in_router_pod(stack, "model", "retire", candidate, "--cluster")
+        assert code == 0 and "delete its encoder Deployment" in out, out + err
+        time.sleep(0.5)  # a few answers after the retirement too
+    finally:
+        shopper.done.set()
+        thread.join()
+        if encoder is not None:
+            encoder.terminate()
+            encoder.wait(timeout=30)
+
+    assert shopper.served_throughout(), [a for a in shopper.answers
+                                         if a.status != 200 or a.partial][:5]
+    assert {a.model_id for a in shopper.answers} <= {old, candidate}
+    assert all(a.model_id == old for a in shopper.answers[:refused_at])
+    assert shopper.answers[-1].model_id == old, "rolled back"
+    eventually(lambda: all(
+        list(ShardStats.model_validate(http_json(f"{url}/stats")[1]).models) == [old]
+        for url in stack.shard_urls), what="every shard dropping the retired model's index")

@@ -9,8 +9,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,12 +22,14 @@ from proto.stats import EncoderStats, ShardStats
 from vitrine.catalog import count_rows, events_from_csv
 from vitrine.cli.control import ControlServer, request_control, request_reshard
 from vitrine.cli.ingest import EventPublisher, publish_all
+from vitrine.cli.models import ServingTarget
 from vitrine.cli.stack import LocalStack, StackSettings, read_run_file
 from vitrine.cli.status import StackEndpoints, status_table
 from vitrine.errors import VitrineError
 from vitrine.service import configure_logging
 
 DEFAULT_DATA = Path("../shared/data/fashion")
+T = TypeVar("T")
 
 app = typer.Typer(help="Vitrine: streaming multimodal product search.", no_args_is_help=True)
 model_app = typer.Typer(
@@ -132,61 +135,118 @@ def reshard(
         raise typer.Exit(1) from None
 
 
+Cluster = Annotated[bool, typer.Option(
+    "--cluster", help="a cluster, not the local stack: the broker and the shards from the "
+    "VITRINE_* settings (run it in a router pod: kubectl exec deploy/vitrine-router -- ...)")]
+RouterUrl = Annotated[str | None, typer.Option(
+    help="with --cluster: the router to confirm a switch on (default: this pod's; the "
+    "Service, e.g. http://vitrine-router, asks every pod in turn)")]
+
+
 @model_app.command("add")
 def model_add(
     weights: Annotated[str, typer.Argument(help="checkpoint path, shipped name, tag or 'offline'")],
     arch: Annotated[str | None, typer.Option(help="architecture (default: the settings')")] = None,
     seed: Annotated[int, typer.Option(help="init seed of untrained parts")] = 0,
     text_runtime: Annotated[str, typer.Option(help="auto, torch, onnx or onnx-int8")] = "auto",
+    cluster: Cluster = False,
 ) -> None:
     """Serve a candidate model beside the active one: its encoder backfills the catalog from
-    the active model's vector log and follows new events; the shards build its index."""
-    _control("/model/add", {"architecture": arch, "weights": weights or None, "seed": seed,
-                            "text_runtime": text_runtime})
+    the active model's vector log and follows new events; the shards build its index. With
+    --cluster only the registry is written, and the candidate encoders' settings are printed
+    (its model.env for deploy/k8s: see the README, "Model roll-forward")."""
+    if not cluster:
+        _control("/model/add", {"architecture": arch, "weights": weights or None, "seed": seed,
+                                "text_runtime": text_runtime})
+        return
+    from vitrine.cli.models import add_candidate, model_env
+
+    target = _cluster_target(None)
+    entry = _cluster_step("add", lambda: add_candidate(target.kafka, arch, weights or None,
+                                                       seed, text_runtime))
+    typer.echo(f"added {entry.model_id} (vectors on {entry.vectors_topic}); apply its encoder "
+               "Deployment with the settings below", err=True)
+    typer.echo(model_env(entry, target.kafka), nl=False)
+
+
+@model_app.command("env")
+def model_env_of(
+    model_id: Annotated[str, typer.Argument(help="a served model")],
+    cluster: Cluster = False,
+) -> None:
+    """Print a served model's encoder settings (the model.env of its Kubernetes encoder)."""
+    from vitrine.cli.models import model_env
+    from vitrine.registry import read_registry
+
+    target = _target(cluster, None)
+    entry = _cluster_step("env", lambda: read_registry(target.kafka).entry(model_id))
+    typer.echo(model_env(entry, target.kafka), nl=False)
 
 
 @model_app.command("promote")
 def model_promote(
     model_id: Annotated[str, typer.Argument(help="the candidate's model id")],
+    cluster: Cluster = False, router: RouterUrl = None,
 ) -> None:
     """Make a candidate the active model; refused until it covers the catalog."""
-    _control("/model/promote", {"model_id": model_id})
+    if not cluster:
+        _control("/model/promote", {"model_id": model_id})
+        return
+    from vitrine.cli.models import promote
+
+    _cluster_step("promote", lambda: promote(_cluster_target(router), model_id, typer.echo))
 
 
 @model_app.command("rollback")
-def model_rollback() -> None:
+def model_rollback(cluster: Cluster = False, router: RouterUrl = None) -> None:
     """Switch back to the model that was active before the last promotion."""
-    _control("/model/rollback", {})
+    if not cluster:
+        _control("/model/rollback", {})
+        return
+    from vitrine.cli.models import rollback
+
+    _cluster_step("rollback", lambda: rollback(_cluster_target(router), typer.echo))
 
 
 @model_app.command("retire")
 def model_retire(
     model_id: Annotated[str, typer.Argument(help="a model that is not active")],
+    cluster: Cluster = False,
 ) -> None:
     """Stop serving a model: its encoder stops and the shards free its index."""
-    _control("/model/retire", {"model_id": model_id})
+    if not cluster:
+        _control("/model/retire", {"model_id": model_id})
+        return
+    from vitrine.cli.models import retire
+
+    _cluster_step("retire", lambda: retire(_cluster_target(None).kafka, model_id))
+    typer.echo(f"retired {model_id}: the shards drop its index; delete its encoder Deployment "
+               "(the README, \"Model roll-forward\", step 6)")
 
 
 @model_app.command("status")
 def model_status(
     sample_s: Annotated[float, typer.Option(help="seconds between the two rate samples")] = 2.0,
+    cluster: Cluster = False, router: RouterUrl = None,
 ) -> None:
     """Each served model: vectors against the catalog, shards caught up, backfill rate, ETA."""
     from vitrine.cli.models import coverage
     from vitrine.registry import read_registry
 
-    found = _run_info()
-    settings = StackSettings(kafka_bootstrap=found["kafka_bootstrap"])
-    registry = read_registry(settings)
-    encoders = found.get("model_encoders", {})
-    before = {c.model_id: c for c in coverage(registry, found["shard_urls"], encoders)}
+    target = _target(cluster, router)
+    registry = read_registry(target.kafka)
+    before = {c.model_id: c for c in coverage(registry, target)}
     time.sleep(sample_s)
     table = Table(title=f"Vitrine models (registry revision {registry.revision})")
     for column in ("model", "role", "vectors", "coverage", "shards", "backfill left",
                    "rate", "ETA", "promotable"):
         table.add_column(column)
-    for now in coverage(registry, found["shard_urls"], encoders):
-        rate = max(0.0, now.encoded - before[now.model_id].encoded) / sample_s
+    for now in coverage(registry, target):
+        was = before[now.model_id]
+        if now.encoded is not None and was.encoded is not None:  # events and records handled
+            rate = max(0, now.encoded - was.encoded) / sample_s
+        else:  # many encoders: how fast their backfill shrinks
+            rate = max(0, (was.backfill_left or 0) - (now.backfill_left or 0)) / sample_s
         left = now.backfill_left
         eta = "-" if not left else (f"{left / rate:.0f} s" if rate > 0 else "stalled")
         problems = now.problems()
@@ -201,6 +261,30 @@ def model_status(
     if not console.is_terminal:  # piped or captured: whole model ids, never cut to fit 80
         console.width = 240
     console.print(table)
+
+
+def _target(cluster: bool, router: str | None) -> ServingTarget:
+    """The served models of a cluster (`--cluster`) or of the running `vitrine up`."""
+    if cluster:
+        return _cluster_target(router)
+    found = _run_info()
+    return ServingTarget.of_run_file(found, StackSettings(kafka_bootstrap=found["kafka_bootstrap"]))
+
+
+def _cluster_target(router: str | None) -> ServingTarget:
+    from services.router.settings import RouterSettings
+
+    settings = RouterSettings()  # what the router in this pod reads
+    return ServingTarget(settings, [address.replicas[0] for address in settings.shard_urls],
+                         router or f"http://127.0.0.1:{settings.router_port}")
+
+
+def _cluster_step(what: str, step: Callable[[], T]) -> T:
+    try:
+        return step()
+    except VitrineError as exc:
+        typer.secho(f"{what} failed: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
 
 
 def _run_info() -> dict[str, Any]:
