@@ -27,6 +27,8 @@ def test_splits_are_fixed_by_id() -> None:
 def test_attribute_captions_skip_templates_with_missing_keys() -> None:
     captions = attribute_captions(SHIRT)
     assert "Navy Blue Shirts" in captions and "Men Navy Blue Casual Shirts" in captions
+    assert captions["Navy Blue Checked Shirts"] == {
+        "colour": "Navy Blue", "pattern": "Checked", "article_type": "Shirts"}  # from the title
     assert not any("None" in caption for caption in captions)
     assert len(captions) == len(set(captions))
 

@@ -35,6 +35,9 @@ CAPTION_TEMPLATES: tuple[tuple[str, ...], ...] = (
     ("colour", "usage", "article_type"),
     ("gender", "colour", "usage", "article_type"),
     ("colour", "gender", "sub_category"),
+    ("pattern", "article_type"),
+    ("colour", "pattern", "article_type"),
+    ("gender", "pattern", "sub_category"),
 )
 
 
@@ -73,6 +76,56 @@ def in_split(products: Sequence[Product], split: Split) -> list[Product]:
     return [product for product in products if product.split == split]
 
 
+# --- pattern and material words: what a title says that the picture shows --------------------
+
+# Canonical word -> the title words that name it ("Stripes" is "Striped"). The eval asks for
+# them ("Striped Shirts") and training predicts them from the picture: the image must carry them
+# when the title is gone.
+PATTERN_WORDS: dict[str, tuple[str, ...]] = {
+    "Striped": ("striped", "stripes", "stripe"),
+    "Checked": ("checked", "check", "checks", "plaid"),
+    "Printed": ("printed", "print", "prints"),
+    "Solid": ("solid",),
+    "Floral": ("floral",),
+    "Graphic": ("graphic",),
+    "Polka Dot": ("polka",),
+    "Washed": ("washed",),
+    "Embroidered": ("embroidered",),
+    "Lace": ("lace",),
+    "Metallic": ("metallic",),
+    "Leather": ("leather",),
+    "Denim": ("denim",),
+    "Canvas": ("canvas",),
+    "Suede": ("suede",),
+    "Cotton": ("cotton",),
+    "Silk": ("silk",),
+    "Velvet": ("velvet",),
+    "Satin": ("satin",),
+    "Knitted": ("knit", "knitted"),
+    "Woven": ("woven",),
+    "Fleece": ("fleece",),
+    "Crepe": ("crepe",),
+}
+_PATTERN_OF = {form: word for word, forms in PATTERN_WORDS.items() for form in forms}
+
+
+PATTERN = "pattern"  # a fact that is not an attribute: a pattern/material word of the title
+
+
+def pattern_words(title: str) -> tuple[str, ...]:
+    """The canonical pattern/material words a title carries, in PATTERN_WORDS order."""
+    found = {_PATTERN_OF[w] for w in re.findall(r"[a-z]+", title.lower()) if w in _PATTERN_OF}
+    return tuple(word for word in PATTERN_WORDS if word in found)
+
+
+def product_facts(product: Product) -> list[dict[str, str]]:
+    """What a caption or query may say of a product: its attributes, once per pattern word of
+    its title (a "Printed Leather" bag is both a printed and a leather bag)."""
+    return [product.attributes | {PATTERN: word} for word in pattern_words(product.title)] or [
+        product.attributes
+    ]
+
+
 # --- captions: what a shopper might type about a product ---------------------------------------
 
 
@@ -83,10 +136,16 @@ def attribute_phrase(attributes: dict[str, str], keys: Sequence[str]) -> str | N
     return " ".join(attributes[key] for key in keys)
 
 
-def attribute_captions(product: Product) -> list[str]:
-    """The distinct attribute phrases of every template the product has all keys for."""
-    phrases = (attribute_phrase(product.attributes, keys) for keys in CAPTION_TEMPLATES)
-    return list(dict.fromkeys(p for p in phrases if p))
+def attribute_captions(product: Product) -> dict[str, dict[str, str]]:
+    """Each distinct phrase of every template the product has all keys for, with what it names
+    (the facts another product must share to be described by it too)."""
+    captions: dict[str, dict[str, str]] = {}
+    for facts in product_facts(product):
+        for keys in CAPTION_TEMPLATES:
+            phrase = attribute_phrase(facts, keys)
+            if phrase:
+                captions.setdefault(phrase, {key: facts[key] for key in keys})
+    return captions
 
 
 # --- degraded titles: the sparse catalog the fusion module must cope with ----------------------

@@ -1,16 +1,19 @@
 """Text-to-image retrieval over one split, with graded relevance from the attributes.
 
-Queries are built from the products' own attributes ("{colour} {article_type}", ...). A product
-is graded 2 when every attribute the query names matches, 1 when only its article type does.
+Queries are built from the products' own attributes ("{colour} {article_type}", ...) and from
+the pattern or material words their titles carry ("Striped Shirts": `data.PATTERN_WORDS`). A
+product is graded 2 when everything the query names matches, 1 when only its article type does.
 Metrics, averaged over queries:
 
 - Recall@K: fully relevant products in the top K over min(K, how many there are), so a
   perfect ranking scores 1 even when a query has hundreds of relevant products;
 - NDCG@10 with gains 2^grade - 1; MRR: 1 / rank of the first fully relevant product.
 
-Three product-side conditions (the issue's): (i) image, title and attributes; (ii) image and
-title; (iii) image and title, every second product's title without its colour and article-type
-words. Rows: text only, image only, the plain average, and the model's product vectors.
+Four product-side conditions: (i) image, title and attributes; (ii) image and title; (iii)
+image and title, every second product's title without its colour and article-type words; (iv)
+the image alone (no title, no attributes). Rows: text only, image only, the plain average, and
+the model's product vectors. Query groups: "attributes" (the three attribute templates, the
+headline figures comparable across releases), "pattern/material", "all", and each template.
 
 Covered by tests/training/test_eval.py.
 """
@@ -25,11 +28,14 @@ import numpy as np
 
 from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder, product_text
 from vitrine.training.data import (
+    PATTERN,
     Product,
     Split,
     attribute_phrase,
     in_split,
     load_products,
+    pattern_words,
+    product_facts,
     sparse_title,
 )
 
@@ -37,12 +43,19 @@ QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour type": ("colour", "article_type"),
     "gender colour type": ("gender", "colour", "article_type"),
     "usage type": ("usage", "article_type"),
+    "pattern type": (PATTERN, "article_type"),
+    "colour pattern type": ("colour", PATTERN, "article_type"),
 }
-CONDITIONS = ("i", "ii", "iii")
+QUERY_GROUPS: dict[str, tuple[str, ...]] = {
+    "attributes": ("colour type", "gender colour type", "usage type"),
+    "pattern/material": ("pattern type", "colour pattern type"),
+}
+CONDITIONS = ("i", "ii", "iii", "iv")
 CONDITION_NAMES = {
     "i": "image + title + attributes",
     "ii": "image + title",
     "iii": "image + sparse titles",
+    "iv": "image alone",
 }
 METRICS = ("recall@10", "recall@100", "ndcg@10", "mrr")
 
@@ -55,26 +68,30 @@ class Query:
 
 
 def build_queries(products: Sequence[Product]) -> list[Query]:
-    """One query per distinct attribute combination of each template among `products`."""
+    """One query per distinct combination of each template's keys among `products`."""
     queries: dict[str, Query] = {}
     for kind, keys in QUERY_TEMPLATES.items():
         for product in products:
-            text = attribute_phrase(product.attributes, keys)
-            if text and text not in queries:
-                wanted = {key: product.attributes[key] for key in keys}
-                queries[text] = Query(text, kind, wanted)
+            for facts in product_facts(product):
+                text = attribute_phrase(facts, keys)
+                if text and text not in queries:
+                    queries[text] = Query(text, kind, {key: facts[key] for key in keys})
     return list(queries.values())
 
 
 def grades(queries: Sequence[Query], products: Sequence[Product]) -> np.ndarray:
-    """(queries, products) int8: 2 every named attribute matches, 1 the article type only."""
-    keys = {key for query in queries for key in query.wanted} | {"article_type"}
+    """(queries, products) int8: 2 everything named matches, 1 the article type only."""
+    keys = {key for query in queries for key in query.wanted} - {PATTERN} | {"article_type"}
     columns = {key: np.array([p.attributes.get(key, "") for p in products]) for key in keys}
+    patterns = [set(pattern_words(p.title)) for p in products]
     out = np.zeros((len(queries), len(products)), dtype=np.int8)
     for q, query in enumerate(queries):
         if "article_type" in query.wanted:
             out[q, columns["article_type"] == query.wanted["article_type"]] = 1
-        full = np.logical_and.reduce([columns[k] == v for k, v in query.wanted.items()])
+        full = np.logical_and.reduce([
+            np.array([v in found for found in patterns]) if k == PATTERN else columns[k] == v
+            for k, v in query.wanted.items()
+        ])
         out[q, full] = 2
     return out
 
@@ -99,9 +116,10 @@ def retrieval_metrics(scores: np.ndarray, graded: np.ndarray) -> dict[str, np.nd
 
 
 def summarise(per_query: dict[str, np.ndarray], queries: Sequence[Query]) -> dict[str, dict]:
-    """Means over all queries ("all") and per query kind, in percent."""
+    """Means over all queries ("all"), per QUERY_GROUPS and per query kind, in percent."""
     kinds = np.array([query.kind for query in queries])
     groups = {"all": np.ones(len(queries), dtype=bool)}
+    groups |= {name: np.isin(kinds, members) for name, members in QUERY_GROUPS.items()}
     groups |= {kind: kinds == kind for kind in QUERY_TEMPLATES}
     return {
         name: {m: float(100 * per_query[m][mask].mean()) if mask.any() else float("nan")
@@ -116,7 +134,11 @@ def condition_texts(products: Sequence[Product], condition: str) -> list[str]:
         return [product_text(p.title, p.attributes) for p in products]
     if condition == "ii":
         return [p.title for p in products]
-    return [sparse_title(p) if i % 2 else p.title for i, p in enumerate(products)]
+    if condition == "iii":
+        return [sparse_title(p) if i % 2 else p.title for i, p in enumerate(products)]
+    if condition == "iv":
+        return ["" for _ in products]
+    raise ValueError(f"unknown condition {condition!r}: one of {', '.join(CONDITIONS)}")
 
 
 def evaluate(
@@ -139,12 +161,12 @@ def evaluate(
         texts = condition_texts(products, condition)
         has_text = np.array([bool(text.strip()) for text in texts])
         text_vectors = np.zeros_like(image_vectors)
-        text_vectors[has_text] = encoder.encode_texts([t for t in texts if t.strip()])
-        rows = {
-            "text only": text_vectors,
-            "image only": image_vectors,
-            "average": _average(image_vectors, text_vectors),
-        }
+        if has_text.any():
+            text_vectors[has_text] = encoder.encode_texts([t for t in texts if t.strip()])
+        rows = {"image only": image_vectors}
+        if has_text.any():  # without text, the text row ranks nothing and the others equal images
+            rows = {"text only": text_vectors} | rows | {
+                "average": _average(image_vectors, text_vectors)}
         if encoder.fusion is not None:
             rows["fused"] = encoder.fuse(image_vectors, text_vectors, has_text)
         results[condition] = {
@@ -172,24 +194,26 @@ def _average(image_vectors: np.ndarray, text_vectors: np.ndarray) -> np.ndarray:
 
 
 def markdown_table(named: dict[str, dict[str, dict[str, dict[str, dict]]]]) -> str:
-    """One table: a line per (model, row), NDCG@10 / R@10 / R@100 / MRR for each condition."""
-    head = "| model | row | " + " | ".join(
-        f"({c}) NDCG@10 | ({c}) R@10 | ({c}) R@100 | ({c}) MRR" for c in CONDITIONS
-    )
-    lines = [head + " |", "|" + " --- |" * (2 + 4 * len(CONDITIONS))]
-    for model, results in named.items():
-        for row in results["i"]:
-            cells = [
-                f"{results[c][row]['all'][m]:.1f}"
-                for c in CONDITIONS for m in ("ndcg@10", "recall@10", "recall@100", "mrr")
-            ]
-            lines.append(f"| {model} | {row} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | row | image query finds its own product first, (i) / (ii) / (iii) |",
-              "| --- | --- | --- |"]
-    for model, results in named.items():
-        for row in results["i"]:
-            cells = [f"{results[c][row]['image query']['self@1']:.1f}" for c in CONDITIONS]
-            lines.append(f"| {model} | {row} | " + " / ".join(cells) + " |")
+    """A line per (model, row): attribute queries (NDCG@10 / R@10 / R@100 / MRR), then NDCG@10
+    of pattern/material queries, then image queries, each per condition ("-": no such row)."""
+    conditions = " | ".join(f"({c})" for c in CONDITIONS)
+    tables = [
+        ("attribute queries, NDCG@10 / R@10 / R@100 / MRR",
+         lambda row: " / ".join(f"{row['attributes'][m]:.1f}" for m in
+                                ("ndcg@10", "recall@10", "recall@100", "mrr"))),
+        ("pattern/material queries, NDCG@10",
+         lambda row: f"{row['pattern/material']['ndcg@10']:.1f}"),
+        ("an image query finds its own product first, %",
+         lambda row: f"{row['image query']['self@1']:.1f}"),
+    ]
+    lines: list[str] = []
+    for title, cell in tables:
+        lines += [*([""] if lines else []), f"{title}:", f"| model | row | {conditions} |",
+                  "|" + " --- |" * (2 + len(CONDITIONS))]
+        for model, results in named.items():
+            for row in results["i"]:
+                cells = [cell(results[c][row]) if row in results[c] else "-" for c in CONDITIONS]
+                lines.append(f"| {model} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,15 +21,19 @@ import numpy as np
 from tqdm import tqdm
 
 from vitrine.errors import VitrineError
-from vitrine.training.eval import QUERY_TEMPLATES, Query
+from vitrine.training.data import PATTERN, pattern_words
+from vitrine.training.eval import QUERY_GROUPS, QUERY_TEMPLATES, Query
 
 K = 10
 LIVE_METRICS = ("ndcg@10 pooled", "p@10", "mrr")
 
 
-def grade(query: Query, attributes: Mapping[str, str]) -> int:
-    """2: every attribute the query names matches (case-insensitively), 1: the article type."""
+def grade(query: Query, attributes: Mapping[str, str], title: str = "") -> int:
+    """2: everything the query names matches (case-insensitively; a pattern or material word:
+    in the title), 1: the article type only."""
     def same(key: str) -> bool:
+        if key == PATTERN:
+            return query.wanted[key] in pattern_words(title)
         return attributes.get(key, "").strip().casefold() == query.wanted[key].casefold()
 
     if all(same(key) for key in query.wanted):
@@ -72,8 +76,8 @@ def evaluate_live(
             per_query[model].append(metrics)
         kinds.append(query.kind)
     groups = {"all": [True] * len(kinds)} | {
-        kind: [k == kind for k in kinds] for kind in QUERY_TEMPLATES
-    }
+        name: [k in members for k in kinds] for name, members in QUERY_GROUPS.items()
+    } | {kind: [k == kind for k in kinds] for kind in QUERY_TEMPLATES}
     return {
         model: {
             name: {m: float(100 * np.mean([r[m] for r, keep in zip(rows, mask, strict=True)
@@ -86,7 +90,7 @@ def evaluate_live(
 
 
 def live_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    groups = ["all", *QUERY_TEMPLATES]
+    groups = ["all", *QUERY_GROUPS]
     head = "| model | " + " | ".join(f"{g} NDCG@10 (pooled) / P@10 / MRR" for g in groups)
     lines = [head + " |", "|" + " --- |" * (1 + len(groups))]
     for model, result in results.items():
@@ -106,4 +110,5 @@ def _ranked(router_url: str, query: Query, model: str, mode: str) -> list[tuple[
     if answer["partial"]:
         raise VitrineError(f"a partial answer for {model!r} ({answer['partial_reason']}): "
                            "the comparison needs every shard")
-    return [(hit["product_id"], grade(query, hit["attributes"])) for hit in answer["results"]]
+    return [(hit["product_id"], grade(query, hit["attributes"], hit["title"]))
+            for hit in answer["results"]]

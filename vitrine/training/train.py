@@ -40,11 +40,14 @@ from tqdm import tqdm
 
 from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder, product_text, save_delta
 from vitrine.training.data import (
+    PATTERN,
+    PATTERN_WORDS,
     Product,
     attribute_captions,
     degraded_titles,
     in_split,
     load_products,
+    pattern_words,
 )
 from vitrine.training.features import TextVectors, trunk_activations
 
@@ -66,13 +69,21 @@ class TrainSettings(BaseSettings):
     architecture: str = "vitrine-minilm-efflite0-fused"
     seed: int = 0
     limit: int | None = Field(default=None, ge=1, description="first N products (tests)")
-    feature_block: int = Field(default=5, ge=1, le=7, description="cached trunk input block")
-    trainable_blocks: int = Field(default=1, ge=0, description="last trunk stages to fine-tune")
+    feature_block: int = Field(default=4, ge=1, le=7, description="cached trunk input block")
+    trainable_blocks: int = Field(default=2, ge=0, description="last trunk stages to fine-tune")
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=512, ge=8)
     lr: float = 1e-3
     trunk_lr: float = 2e-4
     weight_decay: float = 0.05
+    multi_positive: bool = Field(
+        default=True, description="products that a caption describes are its positives too "
+        "(False: only not negatives)",
+    )
+    aux_weight: float = Field(
+        default=0.5, ge=0, description="weight of the attribute and pattern heads' losses "
+        "(0: no heads)",
+    )
     fusion_epochs: int = Field(default=10, ge=0, description="0: no fusion (plain average)")
     fusion_lr: float = 1e-3
     fusion_image_weight: float = Field(
@@ -90,29 +101,70 @@ class TrainSettings(BaseSettings):
         return self.out or self.run_dir() / "model.pt"
 
 
+FACT_KEYS = ("gender", "colour", "article_type", "usage", "season", "sub_category")
+UNKNOWN = -100  # a product without the attribute: no caption naming it fits, the head ignores it
+ANY, SELF = -1, -2  # a caption does not name the fact; a caption fits its own product only
+
+
+@dataclass
+class Facts:
+    """The training products' attributes as codes and their title's pattern words as bits."""
+
+    vocab: dict[str, dict[str, int]]
+    codes: np.ndarray  # (products, FACT_KEYS) int64, UNKNOWN where absent
+    patterns: np.ndarray  # (products,) int64, bit i: the i-th word of PATTERN_WORDS
+
+    @classmethod
+    def of(cls, products: Sequence[Product]) -> Facts:
+        vocab = {key: {v: i for i, v in enumerate(sorted(
+            {p.attributes[key] for p in products if p.attributes.get(key)}))} for key in FACT_KEYS}
+        codes = np.array([[vocab[key].get(p.attributes.get(key, ""), UNKNOWN) for key in FACT_KEYS]
+                          for p in products], dtype=np.int64).reshape(len(products), -1)
+        bit = {word: 1 << i for i, word in enumerate(PATTERN_WORDS)}
+        patterns = np.array([sum(bit[w] for w in pattern_words(p.title)) for p in products],
+                            dtype=np.int64)
+        return cls(vocab, codes, patterns)
+
+    def required(self, named: dict[str, str] | None) -> np.ndarray:
+        """What a caption asks of a product (FACT_KEYS, then the pattern bit): SELF for titles."""
+        if named is None:
+            return np.full(len(FACT_KEYS) + 1, SELF, dtype=np.int64)
+        out = [self.vocab[k].get(named[k], UNKNOWN) if k in named else ANY for k in FACT_KEYS]
+        out.append(list(PATTERN_WORDS).index(named[PATTERN]) if PATTERN in named else ANY)
+        return np.array(out, dtype=np.int64)
+
+
 @dataclass
 class Captions:
     """Per product: rows (into the text cache) of its title, attribute phrases and both."""
 
     title: list[int | None]
     phrases: list[np.ndarray]
+    phrase_required: list[np.ndarray]  # per phrase: what it asks of a product (Facts.required)
     both: list[int | None]
-    title_ids: np.ndarray  # equal titles share an id: never negatives of each other
+    title_ids: np.ndarray  # equal titles share an id: each is a right answer for the other
+    self_only: np.ndarray  # Facts.required of a title
 
-    def sample(self, rng: random.Random, weights: Sequence[float]) -> np.ndarray:
-        """One caption row per product: title, attribute phrase or both, by `weights`."""
+    def sample(self, rng: random.Random, weights: Sequence[float]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """One caption per product, a title, attribute phrase or both by `weights`: its text
+        cache row and what it asks of a product."""
         out = np.empty(len(self.title), dtype=np.int64)
+        required = np.empty((len(self.title), len(self.self_only)), dtype=np.int64)
         for i in range(len(out)):
             kinds = [(w, k) for w, k in zip(weights, ("title", "phrase", "both"), strict=True)
                      if (k == "phrase" and len(self.phrases[i])) or
                      (k != "phrase" and getattr(self, k)[i] is not None)]
             kind = rng.choices([k for _, k in kinds], weights=[w for w, _ in kinds])[0]
-            out[i] = (rng.choice(self.phrases[i].tolist()) if kind == "phrase"
-                      else getattr(self, kind)[i])
-        return out
+            if kind == "phrase":
+                pick = rng.randrange(len(self.phrases[i]))
+                out[i], required[i] = self.phrases[i][pick], self.phrase_required[i][pick]
+            else:
+                out[i], required[i] = getattr(self, kind)[i], self.self_only
+        return out, required
 
 
-def build_captions(products: Sequence[Product], texts: TextVectors) -> Captions:
+def build_captions(products: Sequence[Product], texts: TextVectors, facts: Facts) -> Captions:
     titles = [p.title or None for p in products]
     phrases = [attribute_captions(p) for p in products]
     boths = [product_text(p.title, p.attributes) if p.title and p.attributes else None
@@ -120,11 +172,15 @@ def build_captions(products: Sequence[Product], texts: TextVectors) -> Captions:
     texts.ensure([t for t in titles if t] + [x for ps in phrases for x in ps]
                  + [b for b in boths if b])
     ids: dict[str, int] = {}
+    width = len(FACT_KEYS) + 1
     return Captions(
         title=[int(texts.rows([t])[0]) if t else None for t in titles],
-        phrases=[texts.rows(ps) for ps in phrases],
+        phrases=[texts.rows(list(ps)) for ps in phrases],
+        phrase_required=[np.array([facts.required(named) for named in ps.values()],
+                                  dtype=np.int64).reshape(-1, width) for ps in phrases],
         both=[int(texts.rows([b])[0]) if b else None for b in boths],
         title_ids=np.array([ids.setdefault(p.title, len(ids)) for p in products]),
+        self_only=facts.required(None),
     )
 
 
@@ -144,6 +200,66 @@ def same_pairs(caption_rows: torch.Tensor, title_ids: torch.Tensor) -> torch.Ten
     return (caption_rows[:, None] == caption_rows[None, :]) | (
         title_ids[:, None] == title_ids[None, :]
     )
+
+
+def multi_positive_nce(
+    left: torch.Tensor, right: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE where row i may have several right answers (`positives[i, j]`): the
+    mean log-probability over them, so products that fit one caption are pulled towards it
+    together instead of apart. With `positives` the identity it is `info_nce`."""
+    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * left @ right.T
+    weights = positives.float()
+    forward = -(F.log_softmax(logits, dim=1) * weights).sum(1) / weights.sum(1)
+    backward = -(F.log_softmax(logits, dim=0) * weights).sum(0) / weights.sum(0)
+    return (forward.mean() + backward.mean()) / 2
+
+
+def caption_positives(required: torch.Tensor, codes: torch.Tensor, patterns: torch.Tensor,
+                      title_ids: torch.Tensor) -> torch.Tensor:
+    """(products, captions) bool: caption j describes product i, as the eval grades (every fact
+    it names is one of i's), or it is i's own caption, or i has the same title."""
+    named, pattern = required[:, :-1], required[:, -1]
+    attributes = ((named[None] == ANY) | (named[None] == codes[:, None])).all(-1)
+    has_pattern = (patterns[:, None] >> pattern.clamp(min=0)[None]) & 1 == 1
+    phrase = (named != SELF).all(-1)[None]
+    eye = torch.eye(len(required), dtype=torch.bool, device=required.device)
+    same_title = title_ids[:, None] == title_ids[None]
+    return (attributes & ((pattern[None] == ANY) | has_pattern) & phrase) | eye | same_title
+
+
+class AttributeHeads(torch.nn.Module):
+    """Training-only classifiers of the catalog's attributes and the title's pattern words,
+    read from the image vector: extra losses that make the vector carry what the picture shows
+    when no text does. Not shipped: serving cost is unchanged."""
+
+    SCALE = 16.0  # the vectors are unit length: room for confident logits
+
+    def __init__(self, dim: int, facts: Facts) -> None:
+        super().__init__()
+        self.attributes = torch.nn.ModuleDict({
+            key: torch.nn.Linear(dim, len(facts.vocab[key])) for key in FACT_KEYS
+            if len(facts.vocab[key]) > 1
+        })
+        self.pattern = torch.nn.Linear(dim, len(PATTERN_WORDS))
+
+    def losses(self, vectors: torch.Tensor, codes: torch.Tensor, patterns: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """Cross-entropy per head over the products that have the fact."""
+        scaled = self.SCALE * vectors
+        out = {}
+        for i, key in enumerate(FACT_KEYS):
+            known = codes[:, i] != UNKNOWN
+            if key in self.attributes and known.any():
+                out[key] = F.cross_entropy(self.attributes[key](scaled[known]), codes[known, i])
+        bits = ((patterns[:, None] >> torch.arange(len(PATTERN_WORDS), device=patterns.device))
+                & 1).float()
+        some = bits.sum(1) > 0
+        if some.any():  # a title with several words: each is a right answer
+            target = bits[some] / bits[some].sum(1, keepdim=True)
+            log_p = F.log_softmax(self.pattern(scaled[some]), dim=1)
+            out[PATTERN] = -(log_p * target).sum(1).mean()
+        return out
 
 
 # --- the image tower above the cache ----------------------------------------------------------
@@ -207,6 +323,14 @@ class ImageTail(torch.nn.Module):
                 hidden = stage(hidden)
             hidden = trunk.forward_head(trunk.bn2(trunk.conv_head(hidden)))
         return F.normalize(self.visual.head(hidden), dim=-1)
+
+
+class ImageObjective(torch.nn.Module):
+    """What stage 1 trains: the image tail, and the attribute heads when there are any."""
+
+    def __init__(self, tail: ImageTail, heads: AttributeHeads | None) -> None:
+        super().__init__()
+        self.tail, self.heads = tail, heads
 
 
 def _batches(n: int, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -280,11 +404,42 @@ class Run:
     encoder: DualEncoder
     texts: TextVectors
     train: list[Product]
+    facts: Facts
     captions: Captions
     tail: ImageTail
+    heads: AttributeHeads | None
     frozen_train: torch.Tensor
     frozen_val: torch.Tensor
     validation: Validation
+
+    @functools.cached_property
+    def fact_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, pattern bits) of the training products, on the device."""
+        device = self.encoder.device
+        return (torch.from_numpy(self.facts.codes).to(device),
+                torch.from_numpy(self.facts.patterns).to(device))
+
+    def positives(self, batch: np.ndarray, required: np.ndarray) -> torch.Tensor:
+        """Which captions of a batch (drawn for its products) describe which of its products."""
+        device = self.encoder.device
+        codes, patterns = self.fact_tensors
+        title_ids = torch.from_numpy(self.captions.title_ids[batch]).to(device)
+        if not self.settings.multi_positive:  # one's own caption only
+            return torch.eye(len(batch), dtype=torch.bool, device=device)
+        return caption_positives(torch.from_numpy(required[batch]).to(device), codes[batch],
+                                 patterns[batch], title_ids)
+
+    def contrastive(self, left: torch.Tensor, right: torch.Tensor, logit_scale: torch.Tensor,
+                    batch: np.ndarray, caption_rows: np.ndarray, required: np.ndarray
+                    ) -> torch.Tensor:
+        """InfoNCE of products against the captions drawn for them: multi-positive, or with
+        equal captions and titles only kept from being negatives."""
+        if self.settings.multi_positive:
+            return multi_positive_nce(left, right, logit_scale, self.positives(batch, required))
+        device = left.device
+        same = same_pairs(torch.from_numpy(caption_rows[batch]).to(device),
+                          torch.from_numpy(self.captions.title_ids[batch]).to(device))
+        return info_nce(left, right, logit_scale, same)
 
     def text_tensor(self, rows: np.ndarray) -> torch.Tensor:
         vectors = torch.from_numpy(self.texts.matrix[rows].astype(np.float32))
@@ -303,12 +458,14 @@ def prepare(settings: TrainSettings) -> Run:
              for split in ("train", "val")}
     texts = TextVectors(encoder, settings.cache_dir)
     train = in_split(products, "train")
-    captions = build_captions(train, texts)
+    facts = Facts.of(train)
+    captions = build_captions(train, texts, facts)
     validation = Validation(in_split(products, "val"), texts)
     tail = ImageTail(encoder.model.visual, encoder.model.logit_scale, settings.feature_block,
                      settings.trainable_blocks)
+    heads = AttributeHeads(encoder.dim, facts).to(encoder.device) if settings.aux_weight else None
     return Run(
-        settings, encoder, texts, train, captions, tail,
+        settings, encoder, texts, train, facts, captions, tail, heads,
         _frozen_features(tail, acts, index["train"], encoder.device),
         _frozen_features(tail, acts, index["val"], encoder.device),
         validation,
@@ -386,7 +543,8 @@ def _epoch(stage: Stage, loss_of: Callable[[np.ndarray], torch.Tensor]) -> float
 
 
 def train_image_tower(run: Run) -> Stage:
-    """Stage 1: the projection and the last trunk stages, on captions of the product."""
+    """Stage 1: the projection and the last trunk stages, on captions of the product, with
+    the attribute heads' losses beside."""
     settings, tail = run.settings, run.tail
     trunk_params, head_params = tail.parameters_to_train()
     tail.logit_scale.requires_grad_(True)
@@ -394,23 +552,39 @@ def train_image_tower(run: Run) -> Stage:
               {"params": [tail.logit_scale], "lr": settings.lr, "weight_decay": 0.0}]
     if trunk_params:
         groups.append({"params": trunk_params, "lr": settings.trunk_lr})
+    if run.heads is not None:
+        groups.append({"params": list(run.heads.parameters()), "lr": settings.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    stage = Stage("image", run, tail, settings.epochs, optimizer)
-    title_ids = torch.from_numpy(run.captions.title_ids).to(run.encoder.device)
+    stage = Stage("image", run, ImageObjective(tail, run.heads), settings.epochs, optimizer)
     while stage.epoch < stage.epochs:
-        caption_rows = run.captions.sample(random.Random(f"{settings.seed}-{stage.epoch}"),
-                                           (1.0, 1.0, 1.0))
-        loss = _epoch(stage, functools.partial(_image_loss, run, caption_rows, title_ids))
+        captions = run.captions.sample(random.Random(f"{settings.seed}-{stage.epoch}"),
+                                       (1.0, 1.0, 1.0))
+        loss = _epoch(stage, functools.partial(_image_loss, run, captions))
         stage.end_epoch(loss, run.validation.ndcg(_image_vectors(tail, run.frozen_val)))
     stage.finish()
     return stage
 
 
-def _image_loss(run: Run, caption_rows: np.ndarray, title_ids: torch.Tensor, batch: np.ndarray
-                ) -> torch.Tensor:
+def image_losses(run: Run, captions: tuple[np.ndarray, np.ndarray], batch: np.ndarray
+                 ) -> dict[str, torch.Tensor]:
+    """Stage 1's losses on one batch: "contrastive", then one per attribute head."""
+    caption_rows, required = captions
     images = run.tail(run.frozen_train[batch].float())
-    same = same_pairs(torch.from_numpy(caption_rows[batch]).to(images.device), title_ids[batch])
-    return info_nce(images, run.text_tensor(caption_rows[batch]), run.tail.logit_scale, same)
+    out = {"contrastive": run.contrastive(images, run.text_tensor(caption_rows[batch]),
+                                          run.tail.logit_scale, batch, caption_rows, required)}
+    if run.heads is not None:
+        codes, patterns = run.fact_tensors
+        out |= run.heads.losses(images, codes[batch], patterns[batch])
+    return out
+
+
+def _image_loss(run: Run, captions: tuple[np.ndarray, np.ndarray], batch: np.ndarray
+                ) -> torch.Tensor:
+    losses = image_losses(run, captions, batch)
+    contrastive = losses.pop("contrastive")
+    if not losses:
+        return contrastive
+    return contrastive + run.settings.aux_weight * torch.stack(list(losses.values())).mean()
 
 
 class FusionObjective(torch.nn.Module):
@@ -450,14 +624,13 @@ def train_fusion(run: Run) -> Stage:
     images = torch.from_numpy(_image_vectors(run.tail, run.frozen_train)).to(run.encoder.device)
     val_images = _image_vectors(run.tail, run.frozen_val)
     variants = product_text_rows(run)
-    title_ids = torch.from_numpy(run.captions.title_ids).to(run.encoder.device)
     while stage.epoch < stage.epochs:
         rng = random.Random(f"{settings.seed}-fusion-{stage.epoch}")
-        caption_rows = run.captions.sample(rng, FUSION_CAPTION_WEIGHTS)
+        captions = run.captions.sample(rng, FUSION_CAPTION_WEIGHTS)
         text_rows = _sample_variants(variants, rng)
         fusion.train()
         loss = _epoch(stage, functools.partial(
-            _fusion_loss, run, objective, images, text_rows, caption_rows, title_ids))
+            _fusion_loss, run, objective, images, text_rows, captions))
         fusion.eval()
         stage.end_epoch(loss, run.validation.fused_ndcg(
             lambda texts, has_text: run.encoder.fuse(val_images, texts, has_text)))
@@ -467,17 +640,18 @@ def train_fusion(run: Run) -> Stage:
 
 
 def _fusion_loss(run: Run, objective: FusionObjective, images: torch.Tensor,
-                 text_rows: np.ndarray, caption_rows: np.ndarray, title_ids: torch.Tensor,
+                 text_rows: np.ndarray, captions: tuple[np.ndarray, np.ndarray],
                  batch: np.ndarray) -> torch.Tensor:
     rows = text_rows[batch]
+    caption_rows, required = captions
     has_text = torch.from_numpy(rows >= 0).to(images.device)
     products = objective.fusion(images[batch], run.text_tensor(np.maximum(rows, 0)), has_text)
-    same = same_pairs(torch.from_numpy(caption_rows[batch]).to(images.device), title_ids[batch])
-    loss = info_nce(products, run.text_tensor(caption_rows[batch]), objective.logit_scale, same)
+    loss = run.contrastive(products, run.text_tensor(caption_rows[batch]), objective.logit_scale,
+                           batch, caption_rows, required)
     weight = run.settings.fusion_image_weight
     if weight:
-        distinct = torch.zeros_like(same)  # an image query has exactly one right product
-        loss = loss + weight * info_nce(
+        distinct = torch.zeros((len(batch), len(batch)), dtype=torch.bool, device=images.device)
+        loss = loss + weight * info_nce(  # an image query has exactly one right product
             images[batch], products, objective.image_logit_scale, distinct
         )
     return loss
@@ -528,13 +702,14 @@ def export(run: Run, path: Path, with_fusion: bool) -> None:
     save_delta(path, run.encoder.model, run.tail.trained_prefixes(), fusion)
 
 
-def mean_image_loss(run: Run, seed: int = 0) -> float:
-    """The stage-1 loss over all training products with one fixed caption draw (no update)."""
+def mean_image_losses(run: Run, seed: int = 0) -> dict[str, float]:
+    """Stage 1's losses over all training products, one fixed caption draw (no update)."""
     captions = run.captions.sample(random.Random(seed), (1.0, 1.0, 1.0))
-    title_ids = torch.from_numpy(run.captions.title_ids).to(run.encoder.device)
     order = np.arange(len(run.train))
     size = run.settings.batch_size
+    sums: dict[str, list[float]] = {}
     with torch.inference_mode():
-        losses = [_image_loss(run, captions, title_ids, order[s : s + size]).item()
-                  for s in range(0, len(order), size)]
-    return float(np.mean(losses))
+        for start in range(0, len(order), size):
+            for name, loss in image_losses(run, captions, order[start : start + size]).items():
+                sums.setdefault(name, []).append(loss.item())
+    return {name: float(np.mean(values)) for name, values in sums.items()}
