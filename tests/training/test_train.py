@@ -61,6 +61,20 @@ def test_training_lowers_the_contrastive_loss_and_every_head_loss(
     assert all(after[name] < before[name] for name in before), (before, after)
 
 
+def test_mirrored_pictures_are_cached_beside_the_originals(
+    tiny: tuple[Run, dict[str, float], dict[str, float], Path],
+) -> None:
+    run, _, _, _ = tiny
+    assert run.mirrored_train is not None
+    assert run.mirrored_train.shape == run.frozen_train.shape
+    assert not torch.equal(run.mirrored_train, run.frozen_train)
+    batch = np.arange(4)
+    mirror = np.array([True, False, True, False] + [False] * (len(run.train) - 4))
+    picked = run.training_features(batch, mirror)
+    torch.testing.assert_close(picked[0], run.mirrored_train[0].float())
+    torch.testing.assert_close(picked[1], run.frozen_train[1].float())
+
+
 def test_checkpoint_is_small_and_loads_with_identical_vectors(
     tiny: tuple[Run, dict[str, float], dict[str, float], Path],
 ) -> None:

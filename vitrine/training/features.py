@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vitrine.model import DualEncoder
@@ -51,17 +51,19 @@ def trunk_stem(trunk: Any, pixels: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def trunk_activations(
-    encoder: DualEncoder, products: Sequence[Product], block: int, cache_dir: Path
+    encoder: DualEncoder, products: Sequence[Product], block: int, cache_dir: Path,
+    mirrored: bool = False,
 ) -> np.ndarray:
     """(n, C, H, W) fp16 activations at the input of trunk block `block`, one row per product.
 
-    Images go through the encoder's own preprocessing, so the cache sees what serving sees.
+    Images go through the encoder's own preprocessing, so the cache sees what serving sees;
+    `mirrored`: of the horizontally mirrored pictures (an augmentation that keeps colour).
     """
     trunk = encoder.model.visual.trunk.eval()
     preprocessing = json.dumps(encoder.model.visual.preprocess_cfg, sort_keys=True, default=str)
     key = f"trunk-{weights_key(trunk)}-{_digest([preprocessing])}-block{block}-" + _digest(
         [p.id for p in products]
-    )
+    ) + ("-mirrored" if mirrored else "")
     path = cache_dir / "features" / f"{key}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
@@ -72,10 +74,14 @@ def trunk_activations(
     out = np.lib.format.open_memmap(
         partial, mode="r+" if done else "w+", dtype=np.float16, shape=(len(products), *shape)
     )
-    with tqdm(total=len(products), initial=done, desc="trunk features", unit="img") as bar:
+    desc = "mirrored trunk features" if mirrored else "trunk features"
+    with tqdm(total=len(products), initial=done, desc=desc, unit="img") as bar:
         for start in range(done, len(products), EXTRACT_BATCH):
             chunk = products[start : start + EXTRACT_BATCH]
-            pixels = encoder.preprocess_images([_open(p.image) for p in chunk]).to(encoder.device)
+            images = [_open(p.image) for p in chunk]
+            if mirrored:
+                images = [ImageOps.mirror(image) for image in images]
+            pixels = encoder.preprocess_images(images).to(encoder.device)
             with torch.inference_mode():
                 hidden = trunk_stem(trunk, pixels.contiguous(memory_format=torch.channels_last),
                                     block)

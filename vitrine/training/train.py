@@ -3,8 +3,12 @@
 Stage 1 (domain fine-tuning): the image projection, the last `trainable_blocks` stages of the
 EfficientNet trunk and its head conv learn, contrastively (InfoNCE with a learnable
 temperature), to put a product's picture next to the text vectors of its captions: its title,
-an attribute phrase ("Navy Blue Shirts") or both. The trunk below `feature_block` is frozen
-and read from the feature cache, so an epoch over 31k products takes seconds on a CPU.
+an attribute phrase ("Navy Blue Shirts", "Striped Shirts") or both. A phrase is a positive of
+every product in the batch it describes, not only of the one it was drawn for (multi-positive),
+and training-only heads predict the catalog's attributes and the title's pattern/material words
+from the image vector beside it, so the picture carries them when the text does not. The trunk
+below `feature_block` is frozen and read from the feature cache, so an epoch over 31k products
+takes a couple of minutes on a CPU.
 Stage 2 (fusion): the gated product-side module learns to combine the image vector with
 whatever text the product has: the full text, the title, a degraded title (words dropped,
 truncated, brand only, colour or type removed) or none. The query side is the text tower
@@ -76,6 +80,10 @@ class TrainSettings(BaseSettings):
     lr: float = 1e-3
     trunk_lr: float = 2e-4
     weight_decay: float = 0.05
+    mirror: bool = Field(
+        default=True, description="half the training pictures mirrored each stage-1 epoch "
+        "(an augmentation that keeps colour, a label here)",
+    )
     multi_positive: bool = Field(
         default=True, description="products that a caption describes are its positives too "
         "(False: only not negatives)",
@@ -411,6 +419,16 @@ class Run:
     frozen_train: torch.Tensor
     frozen_val: torch.Tensor
     validation: Validation
+    mirrored_train: torch.Tensor | None = None  # frozen_train of the mirrored pictures
+
+    def training_features(self, batch: np.ndarray, mirror: np.ndarray | None) -> torch.Tensor:
+        """The frozen features of a batch, the mirrored picture's where `mirror` says."""
+        features = self.frozen_train[batch]
+        if mirror is not None and self.mirrored_train is not None:
+            flip = torch.from_numpy(mirror[batch]).to(features.device)
+            features = torch.where(flip[:, None, None, None], self.mirrored_train[batch],
+                                   features)
+        return features.float()
 
     @functools.cached_property
     def fact_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,11 +482,16 @@ def prepare(settings: TrainSettings) -> Run:
     tail = ImageTail(encoder.model.visual, encoder.model.logit_scale, settings.feature_block,
                      settings.trainable_blocks)
     heads = AttributeHeads(encoder.dim, facts).to(encoder.device) if settings.aux_weight else None
+    mirrored = None
+    if settings.mirror:
+        mirrored_acts = trunk_activations(encoder, train, settings.feature_block,
+                                          settings.cache_dir, mirrored=True)
+        mirrored = _frozen_features(tail, mirrored_acts, np.arange(len(train)), encoder.device)
     return Run(
         settings, encoder, texts, train, facts, captions, tail, heads,
         _frozen_features(tail, acts, index["train"], encoder.device),
         _frozen_features(tail, acts, index["val"], encoder.device),
-        validation,
+        validation, mirrored,
     )
 
 
@@ -557,19 +580,20 @@ def train_image_tower(run: Run) -> Stage:
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     stage = Stage("image", run, ImageObjective(tail, run.heads), settings.epochs, optimizer)
     while stage.epoch < stage.epochs:
-        captions = run.captions.sample(random.Random(f"{settings.seed}-{stage.epoch}"),
-                                       (1.0, 1.0, 1.0))
-        loss = _epoch(stage, functools.partial(_image_loss, run, captions))
+        rng = random.Random(f"{settings.seed}-{stage.epoch}")
+        captions = run.captions.sample(rng, (1.0, 1.0, 1.0))
+        mirror = np.array([rng.random() < 0.5 for _ in run.train]) if settings.mirror else None
+        loss = _epoch(stage, functools.partial(_image_loss, run, captions, mirror))
         stage.end_epoch(loss, run.validation.ndcg(_image_vectors(tail, run.frozen_val)))
     stage.finish()
     return stage
 
 
-def image_losses(run: Run, captions: tuple[np.ndarray, np.ndarray], batch: np.ndarray
-                 ) -> dict[str, torch.Tensor]:
+def image_losses(run: Run, captions: tuple[np.ndarray, np.ndarray], mirror: np.ndarray | None,
+                 batch: np.ndarray) -> dict[str, torch.Tensor]:
     """Stage 1's losses on one batch: "contrastive", then one per attribute head."""
     caption_rows, required = captions
-    images = run.tail(run.frozen_train[batch].float())
+    images = run.tail(run.training_features(batch, mirror))
     out = {"contrastive": run.contrastive(images, run.text_tensor(caption_rows[batch]),
                                           run.tail.logit_scale, batch, caption_rows, required)}
     if run.heads is not None:
@@ -578,9 +602,9 @@ def image_losses(run: Run, captions: tuple[np.ndarray, np.ndarray], batch: np.nd
     return out
 
 
-def _image_loss(run: Run, captions: tuple[np.ndarray, np.ndarray], batch: np.ndarray
-                ) -> torch.Tensor:
-    losses = image_losses(run, captions, batch)
+def _image_loss(run: Run, captions: tuple[np.ndarray, np.ndarray], mirror: np.ndarray | None,
+                batch: np.ndarray) -> torch.Tensor:
+    losses = image_losses(run, captions, mirror, batch)
     contrastive = losses.pop("contrastive")
     if not losses:
         return contrastive
@@ -710,6 +734,7 @@ def mean_image_losses(run: Run, seed: int = 0) -> dict[str, float]:
     sums: dict[str, list[float]] = {}
     with torch.inference_mode():
         for start in range(0, len(order), size):
-            for name, loss in image_losses(run, captions, order[start : start + size]).items():
+            batch = order[start : start + size]
+            for name, loss in image_losses(run, captions, None, batch).items():
                 sums.setdefault(name, []).append(loss.item())
     return {name: float(np.mean(values)) for name, values in sums.items()}
