@@ -75,7 +75,7 @@ class TrainSettings(BaseSettings):
     limit: int | None = Field(default=None, ge=1, description="first N products (tests)")
     feature_block: int = Field(default=4, ge=1, le=7, description="cached trunk input block")
     trainable_blocks: int = Field(default=2, ge=0, description="last trunk stages to fine-tune")
-    epochs: int = Field(default=6, ge=1)
+    epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=512, ge=8)
     lr: float = 1e-3
     trunk_lr: float = 2e-4
@@ -92,8 +92,8 @@ class TrainSettings(BaseSettings):
         default=0.5, ge=0, description="weight of the attribute and pattern heads' losses "
         "(0: no heads)",
     )
-    fusion_epochs: int = Field(default=10, ge=0, description="0: no fusion (plain average)")
-    fusion_lr: float = 1e-3
+    fusion_epochs: int = Field(default=60, ge=0, description="0: no fusion (plain average)")
+    fusion_lr: float = 2e-3
     fusion_image_weight: float = Field(
         default=0.5, ge=0, description="weight of the image-query loss: 'more like this' "
         "queries (an image alone) must still find the product behind its fused vector",
