@@ -107,8 +107,6 @@ PATTERN_WORDS: dict[str, tuple[str, ...]] = {
     "Crepe": ("crepe",),
 }
 _PATTERN_OF = {form: word for word, forms in PATTERN_WORDS.items() for form in forms}
-
-
 PATTERN = "pattern"  # a fact that is not an attribute: a pattern/material word of the title
 
 

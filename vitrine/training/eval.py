@@ -29,6 +29,7 @@ import numpy as np
 from vitrine.model import DualEncoder, ModelSpec, load_dual_encoder, product_text
 from vitrine.training.data import (
     PATTERN,
+    PATTERN_WORDS,
     Product,
     Split,
     attribute_phrase,
@@ -83,15 +84,16 @@ def grades(queries: Sequence[Query], products: Sequence[Product]) -> np.ndarray:
     """(queries, products) int8: 2 everything named matches, 1 the article type only."""
     keys = {key for query in queries for key in query.wanted} - {PATTERN} | {"article_type"}
     columns = {key: np.array([p.attributes.get(key, "") for p in products]) for key in keys}
-    patterns = [set(pattern_words(p.title)) for p in products]
+    carries = {word: np.zeros(len(products), dtype=bool) for word in PATTERN_WORDS}
+    for i, product in enumerate(products):
+        for word in pattern_words(product.title):
+            carries[word][i] = True
     out = np.zeros((len(queries), len(products)), dtype=np.int8)
     for q, query in enumerate(queries):
         if "article_type" in query.wanted:
             out[q, columns["article_type"] == query.wanted["article_type"]] = 1
-        full = np.logical_and.reduce([
-            np.array([v in found for found in patterns]) if k == PATTERN else columns[k] == v
-            for k, v in query.wanted.items()
-        ])
+        full = np.logical_and.reduce([carries[v] if k == PATTERN else columns[k] == v
+                                      for k, v in query.wanted.items()])
         out[q, full] = 2
     return out
 
