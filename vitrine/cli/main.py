@@ -138,9 +138,19 @@ def reshard(
 Cluster = Annotated[bool, typer.Option(
     "--cluster", help="a cluster, not the local stack: the broker and the shards from the "
     "VITRINE_* settings (run it in a router pod: kubectl exec deploy/vitrine-router -- ...)")]
+def _router_url(value: str | None) -> str | None:
+    """Checked before anything changes: a switch is written first and confirmed on it after."""
+    if value is None:
+        return None
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise typer.BadParameter(f"{value!r} is not an http(s)://host[:port] URL")
+    return value.rstrip("/")
+
+
 RouterUrl = Annotated[str | None, typer.Option(
     help="with --cluster: the router to confirm a switch on (default: this pod's; the "
-    "Service, e.g. http://vitrine-router, asks every pod in turn)")]
+    "Service, e.g. http://vitrine-router, asks every pod in turn)", callback=_router_url)]
 
 
 @model_app.command("add")
