@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import ImageOps
 
 from vitrine.model import ModelSpec, load_dual_encoder
 from vitrine.training.data import Product
@@ -94,6 +95,22 @@ def test_checkpoint_is_small_and_loads_with_identical_vectors(
         loaded.encode_products(pictures, texts), run.encoder.encode_products(pictures, texts),
         atol=1e-6,
     )
+
+
+def test_a_mirror_averaged_model_gives_a_picture_and_its_mirror_image_one_vector(
+    tiny: tuple[Run, dict[str, float], dict[str, float], Path],
+) -> None:
+    run, _, _, path = tiny
+    loaded = load_dual_encoder(ModelSpec(run.settings.architecture, str(path)), device="cpu")
+    assert run.settings.mirror_average and loaded.mirror_average
+    pictures = load_images([p.image for p in run.train[:4]])
+    mirrored = [ImageOps.mirror(picture) for picture in pictures]
+    np.testing.assert_allclose(loaded.encode_images(mirrored), loaded.encode_images(pictures),
+                               atol=2e-3)
+    plain = load_dual_encoder(ModelSpec(run.settings.architecture, "offline"), device="cpu")
+    assert not plain.mirror_average  # weights trained without it keep their vectors
+    assert not np.allclose(plain.encode_images(mirrored), plain.encode_images(pictures),
+                           atol=2e-3)
 
 
 def test_resuming_a_finished_stage_trains_nothing_more(

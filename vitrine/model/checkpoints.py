@@ -19,12 +19,17 @@ DELTA_FORMAT = "vitrine-delta/1"  # the marker of a checkpoint that `vitrine tra
 
 
 def save_delta(
-    path: Path, model: torch.nn.Module, trained: Sequence[str], fusion: GatedFusion | None
+    path: Path, model: torch.nn.Module, trained: Sequence[str], fusion: GatedFusion | None,
+    mirror_average: bool = False,
 ) -> None:
     """Write what training changed (the `trained` state-dict prefixes, and the fusion module)
     as fp16 on top of "offline", and round the in-memory tensors the same way, so the model in
-    hand and the one loaded back from `path` give identical vectors."""
-    parts = {"model": _rounded_state(model, trained)}
+    hand and the one loaded back from `path` give identical vectors. `mirror_average`: the
+    weights were trained for pictures encoded as the mean of them and their mirror image, so
+    the flag travels with them (and, being in the file, changes the model id)."""
+    parts: dict[str, Any] = {"model": _rounded_state(model, trained)}
+    if mirror_average:
+        parts["mirror_average"] = True
     if fusion is not None:
         parts["fusion"] = _rounded_state(fusion, ("",))
     path.parent.mkdir(parents=True, exist_ok=True)

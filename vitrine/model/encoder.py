@@ -50,9 +50,14 @@ class DualEncoder:
         preprocess_threads: int = 0,
         text_runtime: TextRuntime = "torch",
         compute_threads: int | None = None,
+        mirror_average: bool = False,
     ) -> None:
         self.model = model
         self.fusion = fusion
+        # A picture's vector is the mean of its own and its mirror image's: a garment's look
+        # does not depend on which way it faces, and averaging both views measured +0.6
+        # NDCG@10 for image-only products, for twice the image tower's work.
+        self.mirror_average = mirror_average
         self.precision = _resolve_precision(precision, device)
         # The towers' weights are stored in the serving precision once (not autocast per call,
         # which re-reads the fp32 weights: a single query is bound by weight bandwidth, and
@@ -134,10 +139,16 @@ class DualEncoder:
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self._dtype, non_blocking=pixels.is_pinned())
+        count = len(pixels)
+        if self.mirror_average:  # one pass over both views
+            pixels = torch.cat([pixels, pixels.flip(-1)])
         if self._channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return _normalised(self.model.encode_image(pixels))
+            if not self.mirror_average:
+                return _normalised(self.model.encode_image(pixels))
+            views = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+            return _normalised(views[:count] + views[count:])
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 text vectors, one row per text."""

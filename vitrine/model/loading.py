@@ -90,7 +90,7 @@ def load_dual_encoder(
         preprocess_threads = min(8, os.cpu_count() or 1) if target.type == "cuda" else 0
     return DualEncoder(
         model, tokenizer, preprocess, spec.model_id, target, fusion, precision, preprocess_threads,
-        text_runtime, compute_threads,
+        text_runtime, compute_threads, mirror_average=bool(delta and delta.get("mirror_average")),
     )
 
 

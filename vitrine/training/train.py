@@ -84,6 +84,11 @@ class TrainSettings(BaseSettings):
         default=True, description="half the training pictures mirrored each stage-1 epoch "
         "(an augmentation that keeps colour, a label here)",
     )
+    mirror_average: bool = Field(
+        default=True, description="the model encodes a picture as the mean of it and its "
+        "mirror image (twice the image tower's work per picture); validation and fusion see "
+        "the same",
+    )
     multi_positive: bool = Field(
         default=True, description="products that a caption describes are its positives too "
         "(False: only not negatives)",
@@ -420,6 +425,18 @@ class Run:
     frozen_val: torch.Tensor
     validation: Validation
     mirrored_train: torch.Tensor | None = None  # frozen_train of the mirrored pictures
+    mirrored_val: torch.Tensor | None = None  # frozen_val of the mirrored pictures
+
+    def image_vectors(self, split: str) -> np.ndarray:
+        """A split's image vectors as the exported model gives them (mirror-averaged or not)."""
+        frozen, mirrored = ((self.frozen_train, self.mirrored_train) if split == "train"
+                            else (self.frozen_val, self.mirrored_val))
+        vectors = _image_vectors(self.tail, frozen)
+        if self.settings.mirror_average:
+            assert mirrored is not None
+            vectors = vectors + _image_vectors(self.tail, mirrored)
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def training_features(self, batch: np.ndarray, mirror: np.ndarray | None) -> torch.Tensor:
         """The frozen features of a batch, the mirrored picture's where `mirror` says."""
@@ -468,6 +485,7 @@ def prepare(settings: TrainSettings) -> Run:
     encoder = load_dual_encoder(
         ModelSpec(settings.architecture, "offline", settings.seed), device, precision="fp32"
     )
+    encoder.mirror_average = settings.mirror_average  # the model as it will be exported
     products = load_products(settings.data_dir, settings.limit)
     acts = trunk_activations(encoder, products, settings.feature_block, settings.cache_dir)
     index = {split: np.array([i for i, p in enumerate(products) if p.split == split])
@@ -480,16 +498,20 @@ def prepare(settings: TrainSettings) -> Run:
     tail = ImageTail(encoder.model.visual, encoder.model.logit_scale, settings.feature_block,
                      settings.trainable_blocks)
     heads = AttributeHeads(encoder.dim, facts).to(encoder.device) if settings.aux_weight else None
-    mirrored = None
-    if settings.mirror:
-        mirrored_acts = trunk_activations(encoder, train, settings.feature_block,
-                                          settings.cache_dir, mirrored=True)
-        mirrored = _frozen_features(tail, mirrored_acts, np.arange(len(train)), encoder.device)
+    mirrored: dict[str, torch.Tensor | None] = {"train": None, "val": None}
+    for split, wanted in (("train", settings.mirror or settings.mirror_average),
+                          ("val", settings.mirror_average)):
+        if wanted:
+            chosen = in_split(products, split)
+            mirrored_acts = trunk_activations(encoder, chosen, settings.feature_block,
+                                              settings.cache_dir, mirrored=True)
+            mirrored[split] = _frozen_features(tail, mirrored_acts, np.arange(len(chosen)),
+                                               encoder.device)
     return Run(
         settings, encoder, texts, train, facts, captions, tail, heads,
         _frozen_features(tail, acts, index["train"], encoder.device),
         _frozen_features(tail, acts, index["val"], encoder.device),
-        validation, mirrored,
+        validation, mirrored["train"], mirrored["val"],
     )
 
 
@@ -582,7 +604,7 @@ def train_image_tower(run: Run) -> Stage:
         captions = run.captions.sample(rng, (1.0, 1.0, 1.0))
         mirror = np.array([rng.random() < 0.5 for _ in run.train]) if settings.mirror else None
         loss = _epoch(stage, functools.partial(_image_loss, run, captions, mirror))
-        stage.end_epoch(loss, run.validation.ndcg(_image_vectors(tail, run.frozen_val)))
+        stage.end_epoch(loss, run.validation.ndcg(run.image_vectors("val")))
     stage.finish()
     return stage
 
@@ -643,8 +665,8 @@ def train_fusion(run: Run) -> Stage:
     optimizer = torch.optim.AdamW(objective.parameters(), lr=settings.fusion_lr,
                                   weight_decay=settings.weight_decay)
     stage = Stage("fusion", run, objective, settings.fusion_epochs, optimizer)
-    images = torch.from_numpy(_image_vectors(run.tail, run.frozen_train)).to(run.encoder.device)
-    val_images = _image_vectors(run.tail, run.frozen_val)
+    images = torch.from_numpy(run.image_vectors("train")).to(run.encoder.device)
+    val_images = run.image_vectors("val")
     variants = product_text_rows(run)
     while stage.epoch < stage.epochs:
         rng = random.Random(f"{settings.seed}-fusion-{stage.epoch}")
@@ -721,7 +743,8 @@ def train(settings: TrainSettings) -> TrainResult:
 def export(run: Run, path: Path, with_fusion: bool) -> None:
     """The delta checkpoint of what this run trained (the in-memory model is rounded to match)."""
     fusion = run.encoder.fusion if with_fusion else None
-    save_delta(path, run.encoder.model, run.tail.trained_prefixes(), fusion)
+    save_delta(path, run.encoder.model, run.tail.trained_prefixes(), fusion,
+               run.settings.mirror_average)
 
 
 def mean_image_losses(run: Run, seed: int = 0) -> dict[str, float]:
