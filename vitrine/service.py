@@ -285,10 +285,23 @@ class _JsonErrorServer(web.Server):
 
 
 def run_service(
-    app: web.Application | Coroutine[Any, Any, web.Application], host: str, port: int
+    app: web.Application | Coroutine[Any, Any, web.Application], host: str, port: int,
+    event_loop: str = "uvloop",
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then unwind the cleanup contexts in reverse."""
-    asyncio.run(_serve(app, host, port))
+    """Serve until SIGINT/SIGTERM on the chosen event loop, then unwind the cleanup contexts
+    in reverse."""
+    with asyncio.Runner(loop_factory=_loop_factory(event_loop)) as runner:
+        runner.run(_serve(app, host, port))
+
+
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if event_loop == "asyncio":
+        return None  # the standard library's own
+    if event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    raise ValueError(f"unknown event loop {event_loop!r}: uvloop or asyncio")
 
 
 async def _serve(

@@ -173,3 +173,54 @@ async def test_a_json_body_in_another_charset_is_read(service: int) -> None:
     ) as response:
         assert response.status == 200
         assert await response.json() == {"colour": "cr\u00e8me"}
+
+
+# -- the event loop a service runs on -------------------------------------------------------
+
+_SERVE = """
+import sys
+from vitrine.service import base_app, run_service
+run_service(base_app("test"), "127.0.0.1", int(sys.argv[1]), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_a_service_serves_on_either_event_loop_and_stops_on_sigterm(event_loop: str) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    child = subprocess.Popen([sys.executable, "-c", _SERVE, str(port), event_loop])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert child.poll() is None, "the service exited before it answered"
+                assert time.monotonic() < deadline, "the service never answered"
+                time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+
+
+def test_an_unknown_event_loop_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from vitrine.service import run_service
+    from vitrine.settings import CommonSettings
+
+    with pytest.raises(ValidationError, match="event_loop"):
+        CommonSettings(event_loop="tokio")
+    with pytest.raises(ValueError, match="unknown event loop 'tokio'"):
+        run_service(base_app("test"), "127.0.0.1", 0, "tokio")
