@@ -43,7 +43,7 @@ class CommonSettings(BaseSettings):
         description="open_clip architecture: built-in name, config JSON path or shipped config",
     )
     model_weights: str | None = Field(
-        default="vitrine-fashion-v2.pt",
+        default="vitrine-fashion-v3.pt",
         description="pretrained tag, checkpoint path (a bare name: one in vitrine/model/weights/), "
         "'offline' or empty",
     )

@@ -164,7 +164,7 @@ def render(overlay: str, with_model: bool = False, retire_base: bool = False) ->
         return plain
     settings = role_settings(plain, "router")  # what the command reads in a router pod
     registry = ModelRegistry.initial(settings_entry(settings))
-    entry = candidate_entry(settings, registry, settings.model_arch, "vitrine-fashion-v2.pt",
+    entry = candidate_entry(settings, registry, settings.model_arch, "vitrine-fashion-v3.pt",
                             text_runtime="onnx-int8")  # a model id of its own, offline
     tree = Path(tempfile.mkdtemp(prefix="vitrine-k8s-")) / "k8s"
     shutil.copytree(K8S, tree)

@@ -102,7 +102,7 @@ def test_a_candidate_is_backfilled_promoted_rolled_back_and_retired_while_servin
     thread = threading.Thread(target=shopper.run)
     thread.start()
     try:
-        code, output = vitrine(stack, "model", "add", "vitrine-fashion-v2.pt",
+        code, output = vitrine(stack, "model", "add", "vitrine-fashion-v3.pt",
                                "--text-runtime", "onnx-int8")
         assert code == 0, output
         assert candidate in output and "backfilling" in output

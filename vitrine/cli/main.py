@@ -382,7 +382,7 @@ def evaluate(
         help="with --router: a served model id; repeat to compare (default: every one)")] = None,
     queries: Annotated[int, typer.Option(help="with --router: how many queries")] = 300,
 ) -> None:
-    """Text-to-image retrieval metrics under the three catalog conditions, as a table; with
+    """Text-to-image retrieval metrics under the four catalog conditions, as a table; with
     --router, the same queries through a running stack, model by model, side by side."""
     from vitrine.model import ModelSpec
     from vitrine.settings import CommonSettings

@@ -78,7 +78,7 @@ class TrainSettings(BaseSettings):
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=512, ge=8)
     lr: float = 1e-3
-    trunk_lr: float = 2e-4
+    trunk_lr: float = 1e-3
     weight_decay: float = 0.05
     mirror: bool = Field(
         default=True, description="half the training pictures mirrored each stage-1 epoch "
