@@ -20,7 +20,9 @@ from vitrine.training.train import (
     TrainSettings,
     caption_positives,
     export,
+    image_query_nce,
     info_nce,
+    look_alikes,
     mean_image_losses,
     multi_positive_nce,
     prepare,
@@ -181,3 +183,33 @@ def test_multi_positive_nce_is_info_nce_with_one_positive_and_pulls_shared_capti
         apart, captions, scale, fits)
     assert info_nce(between, captions, scale, none[:3, :3]) > info_nce(
         apart, captions, scale, none[:3, :3])  # one positive each: pushed apart instead
+
+
+def test_an_image_query_loss_without_a_hard_negative_is_info_nce_and_a_near_one_costs_more(
+) -> None:
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    products = torch.nn.functional.normalize(images + 0.3 * torch.randn(4, 8), dim=-1)
+    scale, none = torch.tensor(2.0), torch.zeros((4, 4), dtype=torch.bool)
+    torch.testing.assert_close(image_query_nce(images, products, scale),
+                               info_nce(images, products, scale, none))
+    far, near = -images, torch.nn.functional.normalize(images + 0.1 * torch.randn(4, 8), dim=-1)
+    plain = image_query_nce(images, products, scale)
+    assert plain < image_query_nce(images, products, scale, far) < image_query_nce(
+        images, products, scale, near)
+
+
+def test_look_alikes_are_the_nearest_other_picture_never_an_identical_one() -> None:
+    base = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0, 0], [1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0.2], [0, 1.0, 0]]), dim=-1)
+    # rows 0 and 1 are one picture twice: each finds row 2, the next most alike
+    assert look_alikes(base.numpy(), block=2).tolist() == [2, 2, 0, 4, 3]
+
+
+def test_a_fusion_setting_changes_the_run_but_not_stage_one(tmp_path: Path) -> None:
+    base = TrainSettings(cache_dir=tmp_path)
+    other = TrainSettings(cache_dir=tmp_path, fusion_image_weight=1.0)
+    assert base.stage_dir("image") == other.stage_dir("image")
+    assert base.stage_dir("fusion") != other.stage_dir("fusion")
+    assert base.run_dir() != other.run_dir()
+    assert base.stage_dir("image") != TrainSettings(cache_dir=tmp_path, epochs=3).stage_dir("image")

@@ -103,17 +103,31 @@ class TrainSettings(BaseSettings):
         default=0.5, ge=0, description="weight of the image-query loss: 'more like this' "
         "queries (an image alone) must still find the product behind its fused vector",
     )
+    fusion_hard_negatives: bool = Field(
+        default=False, description="the image-query loss also ranks each product against the "
+        "fused vector of the product whose picture is most like its own: near-identical "
+        "photos (one lipstick in two shades) are what a 'more like this' query confuses",
+    )
     threads: int = Field(default=2, ge=1)
     device: str | None = None
 
     def run_dir(self) -> Path:
-        blob = self.model_dump_json(exclude={"out", "threads", "device", "cache_dir"})
+        return self._digest_dir(set())
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where a stage's state lives: stage 1 does not read the fusion settings, so it is
+        keyed without them and a fusion experiment resumes it finished."""
+        return self._digest_dir(FUSION_SETTINGS if stage == "image" else set())
+
+    def _digest_dir(self, ignored: set[str]) -> Path:
+        blob = self.model_dump_json(exclude={"out", "threads", "device", "cache_dir"} | ignored)
         return self.cache_dir / "runs" / hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def out_path(self) -> Path:
         return self.out or self.run_dir() / "model.pt"
 
 
+FUSION_SETTINGS = {name for name in TrainSettings.model_fields if name.startswith("fusion_")}
 FACT_KEYS = ("gender", "colour", "article_type", "usage", "season", "sub_category")
 UNKNOWN = -100  # a product without the attribute: no caption naming it fits, the head ignores it
 ANY, SELF = -1, -2  # a caption does not name the fact; a caption fits its own product only
@@ -536,7 +550,7 @@ class Stage:
         self.optimizer = optimizer
         steps = epochs * max(1, len(run.train) // run.settings.batch_size)
         self.scheduler = _schedule(optimizer, steps)
-        self.path = run.settings.run_dir() / f"{name}.pt"
+        self.path = run.settings.stage_dir(name) / f"{name}.pt"
         self.epoch, self.best, self.best_state = 0, -1.0, _copy_state(module)
         self.history: list[dict[str, float]] = []
         if self.path.is_file():
@@ -665,16 +679,18 @@ def train_fusion(run: Run) -> Stage:
     optimizer = torch.optim.AdamW(objective.parameters(), lr=settings.fusion_lr,
                                   weight_decay=settings.weight_decay)
     stage = Stage("fusion", run, objective, settings.fusion_epochs, optimizer)
-    images = torch.from_numpy(run.image_vectors("train")).to(run.encoder.device)
+    train_images = run.image_vectors("train")
+    images = torch.from_numpy(train_images).to(run.encoder.device)
     val_images = run.image_vectors("val")
     variants = product_text_rows(run)
+    hard = look_alikes(train_images) if settings.fusion_hard_negatives else None
     while stage.epoch < stage.epochs:
         rng = random.Random(f"{settings.seed}-fusion-{stage.epoch}")
         captions = run.captions.sample(rng, FUSION_CAPTION_WEIGHTS)
         text_rows = _sample_variants(variants, rng)
         fusion.train()
         loss = _epoch(stage, functools.partial(
-            _fusion_loss, run, objective, images, text_rows, captions))
+            _fusion_loss, run, objective, images, text_rows, captions, hard))
         fusion.eval()
         stage.end_epoch(loss, run.validation.fused_ndcg(
             lambda texts, has_text: run.encoder.fuse(val_images, texts, has_text)))
@@ -685,20 +701,52 @@ def train_fusion(run: Run) -> Stage:
 
 def _fusion_loss(run: Run, objective: FusionObjective, images: torch.Tensor,
                  text_rows: np.ndarray, captions: tuple[np.ndarray, np.ndarray],
-                 batch: np.ndarray) -> torch.Tensor:
-    rows = text_rows[batch]
+                 look_alikes: np.ndarray | None, batch: np.ndarray) -> torch.Tensor:
     caption_rows, required = captions
-    has_text = torch.from_numpy(rows >= 0).to(images.device)
-    products = objective.fusion(images[batch], run.text_tensor(np.maximum(rows, 0)), has_text)
+    products = _fused(run, objective, images, text_rows, batch)
     loss = run.contrastive(products, run.text_tensor(caption_rows[batch]), objective.logit_scale,
                            batch, caption_rows, required)
     weight = run.settings.fusion_image_weight
     if weight:
-        distinct = torch.zeros((len(batch), len(batch)), dtype=torch.bool, device=images.device)
-        loss = loss + weight * info_nce(  # an image query has exactly one right product
-            images[batch], products, objective.image_logit_scale, distinct
-        )
+        hard = None if look_alikes is None else _fused(
+            run, objective, images, text_rows, look_alikes[batch])
+        loss = loss + weight * image_query_nce(
+            images[batch], products, objective.image_logit_scale, hard)
     return loss
+
+
+def _fused(run: Run, objective: FusionObjective, images: torch.Tensor, text_rows: np.ndarray,
+           batch: np.ndarray) -> torch.Tensor:
+    """The fused vectors of a batch, each product with the text variant drawn for it."""
+    rows = text_rows[batch]
+    has_text = torch.from_numpy(rows >= 0).to(images.device)
+    return objective.fusion(images[batch], run.text_tensor(np.maximum(rows, 0)), has_text)
+
+
+def image_query_nce(images: torch.Tensor, products: torch.Tensor, logit_scale: torch.Tensor,
+                    hard: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of pictures against their products' fused vectors (an image query has
+    exactly one right product); `hard[i]`, when given, is one more wrong answer for picture i
+    (the fused vector of the product that looks most like it), ranked beside the batch."""
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * images @ products.T
+    target = torch.arange(len(images), device=images.device)
+    backward = F.cross_entropy(logits.T, target)
+    if hard is not None:
+        logits = torch.cat([logits, scale * (images * hard).sum(-1, keepdim=True)], dim=1)
+    return (F.cross_entropy(logits, target) + backward) / 2
+
+
+def look_alikes(vectors: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Each row's most similar other row; rows equal to it (byte-identical pictures of two
+    products, which nothing can tell apart) are skipped."""
+    matrix = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    out = np.empty(len(vectors), dtype=np.int64)
+    for start in range(0, len(vectors), block):
+        scores = matrix[start : start + block] @ matrix.T
+        scores[scores > 1 - 1e-5] = -2.0  # itself and its identical twins
+        out[start : start + block] = scores.argmax(dim=1).numpy()
+    return out
 
 
 def _sample_variants(variants: np.ndarray, rng: random.Random) -> np.ndarray:
