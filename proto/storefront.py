@@ -23,7 +23,8 @@ class SearchBody(BaseModel):
 
     text: str | None = Field(default=None, description="What the shopper typed")
     image_b64: str | None = Field(
-        default=None, description="A picture (JPEG, PNG, WEBP, GIF or BMP), base64: shop the look"
+        default=None, description="A picture (JPEG, PNG, WEBP, GIF or BMP), base64: shop the "
+        "look. A catalog picture, byte for byte, ranks its own product first",
     )
     k: int | None = Field(default=None, ge=1, description="How many results (default: setting)")
     filters: dict[str, list[str] | str] = Field(

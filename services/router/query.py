@@ -22,7 +22,7 @@ from proto.catalog import MAX_PRICE
 from proto.search import MAX_FACETS, MAX_MODEL_ID_CHARS, Mode
 from services.router.settings import RouterSettings
 from vitrine.errors import ImageRejected, InvalidQuery
-from vitrine.images import decode_image
+from vitrine.images import decode_image, image_digest
 from vitrine.service import json_body
 
 MAX_FILTER_VALUES = 50
@@ -37,6 +37,7 @@ class Query:
     k: int
     text: str | None = None
     image: Image.Image | None = None
+    image_digest: str = ""  # of the uploaded bytes: a catalog picture's own product leads
     filters: dict[str, list[str]] = field(default_factory=dict)
     mode: Mode = "dense"
     offset: int = 0
@@ -100,8 +101,8 @@ def query_from_json(body: dict[str, Any], settings: RouterSettings) -> Query:
     if "text" in body:
         return _query(settings, k=k, text=_text(body["text"], settings), filters=filters,
                       **options)
-    return _query(settings, k=k, image=_image(body["image_b64"], settings), filters=filters,
-                  **options)
+    image, digest = _image(body["image_b64"], settings)
+    return _query(settings, k=k, image=image, image_digest=digest, filters=filters, **options)
 
 
 def _query(
@@ -110,6 +111,7 @@ def _query(
     filters: dict[str, list[str]],
     text: str | None = None,
     image: Image.Image | None = None,
+    image_digest: str = "",
     from_url: bool = False,
     **options: Any,
 ) -> Query:
@@ -125,7 +127,7 @@ def _query(
     if price_min is not None and price_max is not None and price_min > price_max:
         raise InvalidQuery(f"price_min {price_min:g} is above price_max {price_max:g}")
     return Query(
-        k=k, text=text, image=image, filters=filters, mode=mode,
+        k=k, text=text, image=image, image_digest=image_digest, filters=filters, mode=mode,
         offset=_offset(options.get("offset"), settings),
         price_min=price_min, price_max=price_max,
         in_stock=_flag(options.get("in_stock"), "in_stock"),
@@ -310,7 +312,8 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _image(raw: Any, settings: RouterSettings) -> Image.Image:
+def _image(raw: Any, settings: RouterSettings) -> tuple[Image.Image, str]:
+    """The decoded picture and the digest of its bytes (as the encoder takes a product's)."""
     if not isinstance(raw, str) or not raw:
         raise InvalidQuery("image_b64 must be a non-empty base64 string")
     if len(raw) > settings.max_image_bytes * 4 // 3 + 4:
@@ -320,6 +323,6 @@ def _image(raw: Any, settings: RouterSettings) -> Image.Image:
     except (binascii.Error, ValueError) as exc:
         raise InvalidQuery(f"image_b64 is not valid base64: {exc}") from exc
     try:
-        return decode_image(data, settings.max_image_pixels)
+        return decode_image(data, settings.max_image_pixels), image_digest(data)
     except ImageRejected as exc:
         raise InvalidQuery(f"image_b64 is not an acceptable image: {exc}") from exc

@@ -89,7 +89,7 @@ class SearchCore:
         with metrics.stage_seconds.labels("fanout").time():
             fanned = await fan_out(self._shards, fleet.replicas, shard_query, deadline, metrics)
         with metrics.stage_seconds.labels("merge").time():
-            merged = merge_topk(fanned.responses, fetch)
+            merged = exact_picture_first(merge_topk(fanned.responses, fetch), query.image_digest)
             ranked = collapse(merged, self._settings.collapse_cosine) if query.collapse \
                 else [Group(hit) for hit in merged]
             page = [_hit(group) for group in ranked[query.offset: depth]]
@@ -163,6 +163,19 @@ class Group:
             log.warning("unreadable product fields", product_id=self.best.product_id,
                         reason=str(exc))
             return ProductFields()
+
+
+def exact_picture_first(hits: list[Merged], digest: str) -> list[Merged]:
+    """An image query whose bytes are a product's own picture ranks that product first (the
+    products sharing the file next), whatever the fused vectors of look-alikes score: a
+    shopper who uploads a catalog photo means that product. The rest keep their order."""
+    if not digest:
+        return hits
+    exact: list[Merged] = []
+    rest: list[Merged] = []
+    for hit in hits:
+        (exact if ProductFields.digest_of(hit.fields) == digest else rest).append(hit)
+    return exact + rest
 
 
 def collapse(hits: Sequence[Merged], cosine: float) -> list[Group]:

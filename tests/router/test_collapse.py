@@ -7,7 +7,7 @@ import numpy as np
 from proto.search import SearchResponse
 from proto.vectors import ProductFields
 from services.router.merge import Merged
-from services.router.search import collapse, merge_facets
+from services.router.search import collapse, exact_picture_first, merge_facets
 
 
 def hit(pid: str, score: float, digest: str = "", vector: list[float] | None = None) -> Merged:
@@ -46,3 +46,17 @@ def test_facet_counts_sum_across_shards_case_insensitively() -> None:
     assert [(v.value, v.count) for v in merged["colour"]] == [
         ("Red", 3), ("Navy Blue", 2), ("Blue", 1)
     ]
+
+
+def test_an_uploaded_catalog_picture_puts_its_products_first_and_keeps_the_rest_in_order(
+) -> None:
+    hits = [hit("look-alike", 0.93, "d2"), hit("other", 0.90, "d3"), hit("own", 0.82, "d1"),
+            hit("same-file", 0.5, "d1")]
+    ranked = exact_picture_first(hits, "d1")
+    assert [h.product_id for h in ranked] == ["own", "same-file", "look-alike", "other"]
+    assert [h.score for h in ranked[2:]] == [0.93, 0.90]
+    groups = collapse(ranked, cosine=0.99)
+    assert [(g.best.product_id, g.also) for g in groups] == [
+        ("own", ["same-file"]), ("look-alike", []), ("other", [])]
+    assert exact_picture_first(hits, "") == hits  # a text query: score order
+    assert exact_picture_first(hits, "d9") == hits  # a picture the catalog does not hold

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import MultiDict
+from PIL import Image
 
 from services.router.query import query_from_json, query_from_params
 from services.router.settings import RouterSettings
 from vitrine.errors import InvalidMessage, InvalidQuery
+from vitrine.images import image_digest
 
 SETTINGS = RouterSettings(max_k=100, default_k=10, max_query_chars=50)
 
@@ -32,6 +37,16 @@ def test_a_plain_query_is_normalised() -> None:
 def test_bad_queries_are_refused_with_a_message(params: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidQuery, match=message):
         query_from_params(MultiDict(params), SETTINGS)
+
+
+def test_an_image_query_carries_the_digest_the_encoder_gives_the_same_bytes() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 8), (200, 30, 40)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    query = query_from_json({"image_b64": base64.b64encode(data).decode(), "k": 3}, SETTINGS)
+    assert query.image is not None and query.image.size == (6, 8)
+    assert query.image_digest == image_digest(data) != ""
+    assert query_from_json({"text": "red boots"}, SETTINGS).image_digest == ""
 
 
 def test_shard_urls_come_comma_separated_from_the_environment(

@@ -47,6 +47,7 @@ from vitrine.training.data import (
     PATTERN,
     PATTERN_WORDS,
     Product,
+    Split,
     attribute_captions,
     degraded_titles,
     in_split,
@@ -513,8 +514,9 @@ def prepare(settings: TrainSettings) -> Run:
                      settings.trainable_blocks)
     heads = AttributeHeads(encoder.dim, facts).to(encoder.device) if settings.aux_weight else None
     mirrored: dict[str, torch.Tensor | None] = {"train": None, "val": None}
-    for split, wanted in (("train", settings.mirror or settings.mirror_average),
-                          ("val", settings.mirror_average)):
+    wanted_mirrored: tuple[tuple[Split, bool], ...] = (
+        ("train", settings.mirror or settings.mirror_average), ("val", settings.mirror_average))
+    for split, wanted in wanted_mirrored:
         if wanted:
             chosen = in_split(products, split)
             mirrored_acts = trunk_activations(encoder, chosen, settings.feature_block,
