@@ -21,6 +21,7 @@ from vitrine.model import (
     save_delta,
 )
 from vitrine.model.loading import _map_by_position
+from vitrine.model.onnx_text import OnnxTextTower, exported
 from vitrine.model.spec import file_digest
 from vitrine.settings import CommonSettings
 
@@ -375,6 +376,18 @@ def test_every_text_runtime_gives_the_reference_embedding(
     many = [f"query number {i}" for i in range(300)]  # longer than one batch
     assert float((encoder.encode_texts(many) * variant.encode_texts(many)).sum(axis=1).min()) \
         >= tolerance
+
+
+def test_the_onnx_tower_sleeps_between_operators(encoder: DualEncoder) -> None:
+    """Spin-waiting workers would take the cores the router shares with the shards."""
+    text = encoder.model.text
+    path = exported(text, "onnx", encoder.model_id, int(text.config.pad_token_id or 0))
+    tower = OnnxTextTower(path, threads=2)
+    assert not tower.spins
+    tokens = encoder._tokenize(TEXTS)
+    with torch.inference_mode():
+        reference = encoder.model.encode_text(tokens)
+    torch.testing.assert_close(tower(tokens), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_auto_is_onnx_on_the_cpu_in_fp32_and_torch_otherwise(encoder: DualEncoder) -> None:
