@@ -385,16 +385,18 @@ async def through_router(stack: Any, texts: list[str], mode: str) -> dict[str, A
 
 
 def stage_means(metrics: str) -> dict[str, float]:
-    """Mean ms per query of each router stage, from its Prometheus histogram."""
+    """Mean ms of each router stage, and of one text-tower pass in its thread (the encode
+    stage less that is cache lookups and the hand-off), from the Prometheus histograms."""
     from prometheus_client.parser import text_string_to_metric_families
 
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics):
-        if family.name != "vitrine_router_stage_duration_seconds":
+        if family.name not in ("vitrine_router_stage_duration_seconds",
+                               "vitrine_router_text_tower_duration_seconds"):
             continue
         for sample in family.samples:
-            stage = sample.labels.get("stage", "")
+            stage = sample.labels.get("stage", "tower pass")
             if sample.name.endswith("_sum"):
                 sums[stage] = sample.value
             elif sample.name.endswith("_count"):

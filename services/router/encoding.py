@@ -88,7 +88,8 @@ class QueryEncoder:
     def _run_tower(self, texts: Sequence[str]) -> np.ndarray:  # in a worker thread
         self._metrics.tower_runs.inc()
         self._metrics.batch_size.observe(len(texts))
-        return self.model.encode_texts(texts)
+        with self._metrics.tower_seconds.time():
+            return self.model.encode_texts(texts)
 
     # --- in-process LRU ----------------------------------------------------------------------
 

@@ -69,3 +69,9 @@ class EncodingMetrics:
             "vitrine_router_text_tower_runs_total", "Forward passes of the text tower",
             registry=registry,
         )
+        # the encode stage less this is the cache lookups and the hand-off to the tower's thread
+        self.tower_seconds = Histogram(
+            "vitrine_router_text_tower_duration_seconds",
+            "One text-tower pass in its worker thread, tokenizing included",
+            buckets=_STAGE_BUCKETS, registry=registry,
+        )

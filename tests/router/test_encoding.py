@@ -112,7 +112,12 @@ def make_encoder(
 
 
 def tower_runs(registry: CollectorRegistry) -> float:
-    return registry.get_sample_value("vitrine_router_text_tower_runs_total") or 0.0
+    runs = registry.get_sample_value("vitrine_router_text_tower_runs_total") or 0.0
+    timed = registry.get_sample_value("vitrine_router_text_tower_duration_seconds_count") or 0.0
+    assert timed == runs  # every pass is timed
+    assert (registry.get_sample_value("vitrine_router_text_tower_duration_seconds_sum") or 0.0) \
+        > 0 or runs == 0
+    return runs
 
 
 def cache_count(registry: CollectorRegistry, layer: str, result: str) -> float:
