@@ -3,7 +3,7 @@ latency, batch throughput, agreement with torch, and retrieval quality when the 
 queries with the variant while products keep torch's vectors.
 
     .venv/bin/python benchmarks/text_tower.py [--data ../shared/data/fashion] [--threads 2]
-        [--queries 300] [--products 1500]
+        [--queries 300] [--products 1500] [--read-between-mb 0,8,35,70] [--cache-only]
 
 Runtimes: torch (as the services ran before), torch in bf16 weights, torch.compile (inductor;
 skipped where it cannot compile here), onnx (ONNX Runtime, exact) and onnx-int8 (dynamic int8
@@ -44,10 +44,16 @@ def shopper_queries(n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) + f" {i}" for i in range(n)]
 
 
-def latency(encoder: DualEncoder, texts: list[str]) -> tuple[float, float]:
+def latency(
+    encoder: DualEncoder, texts: list[str], read_between_mb: int = 0
+) -> tuple[float, float]:
+    """p50 / p99 ms of one query at a time; `read_between_mb` of other memory are read before
+    each, as the shards' IVF scans do on the cores they share with the router."""
     encoder.encode_texts(texts[:5])
+    other = np.ones(read_between_mb * 2**20 // 4, dtype=np.float32)
     times = []
     for text in texts:
+        other.sum()
         started = time.perf_counter()
         encoder.encode_texts([text])
         times.append((time.perf_counter() - started) * 1000)
@@ -67,6 +73,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--products", type=int, default=1500)
+    parser.add_argument("--read-between-mb", default="0,8,35,70",
+                        help="the cache table: MB of other memory read before each query")
+    parser.add_argument("--cache-only", action="store_true", help="print only the cache table")
     args = parser.parse_args()
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
     torch.set_num_threads(args.threads)
@@ -84,6 +93,17 @@ def main() -> None:
     except Exception as exc:  # no C++ toolchain, or an op inductor cannot lower
         print(f"torch.compile skipped: {type(exc).__name__}: {str(exc)[:120]}")
     texts = shopper_queries(args.queries)
+    sizes = [int(mb) for mb in args.read_between_mb.split(",")]
+    print(f"\nthe cache: single queries on {args.threads} threads with other memory read "
+          "before each (p50 / p99 ms)")
+    print("| runtime | " + " | ".join(f"{mb} MB" for mb in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for runtime in ("onnx", "onnx-int8"):
+        cells = ["{:.2f} / {:.2f}".format(*latency(encoders[runtime], texts, mb))
+                 for mb in sizes]
+        print(f"| {runtime} | " + " | ".join(cells) + " |")
+    if args.cache_only:
+        return
     reference = encoders["torch"].encode_texts(texts)
     rows = []
     for runtime, encoder in encoders.items():

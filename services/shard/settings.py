@@ -32,7 +32,10 @@ class ShardSettings(CommonSettings):
         description="flat, ivf_flat, ivf_pq, hnsw, torch; auto: an exact fp16 scan on a GPU "
         "(FAISS GPU flat, else torch), else ivf_flat",
     )
-    index_fp16: bool = Field(default=False, description="fp16 codes (flat, ivf_flat, hnsw)")
+    index_fp16: bool = Field(
+        default=True, description="fp16 codes (flat, ivf_flat, hnsw): the sealed vectors are "
+        "fp16-rounded already, so the same answers from half the bytes scanned",
+    )
     ivf_nlist: int = Field(default=0, ge=0, description="0: about 2*sqrt(n)")
     ivf_nprobe: int = Field(default=32, ge=1)
     pq_m: int = Field(default=64, ge=1, description="IVF-PQ bytes per vector; divides dim")
