@@ -280,11 +280,11 @@ def run_vitrine_engine(args: argparse.Namespace) -> None:
                      "ids": ids})
     if isinstance(engine, VitrineEngine):
         engine.snapshot(Path(args.workdir) / "snapshot")
-    nlist = spec.nlist_for(rows)
+    recipe = spec.factory_string(rows, queries.shape[1])
     Path(args.out).write_text(json.dumps({
         "engine": args.engine, "version": f"faiss {faiss.__version__}",
-        "index": f"IVF{nlist},Flat (IndexSpec defaults; sealed vectors fp16-rounded)"
-        if args.engine == "vitrine" else f"IVF{nlist},Flat",
+        "index": f"{recipe} (IndexSpec defaults; sealed vectors fp16-rounded)"
+        if args.engine == "vitrine" else recipe,
         "build_s": build_s, "memory_bytes": memory, "disk_bytes": 0, "runs": runs,
     }))
 
